@@ -1,0 +1,166 @@
+"""Registries of reproduction experiments and benchmarks.
+
+Capability packages only *add* entries: an experiment module in :mod:`leantrain.experiments`
+or a benchmark module in :mod:`leantrain.bench` registers itself at import with
+:func:`experiment` or :func:`benchmark`, and :func:`load_all` imports every module of those
+packages. Nothing here knows the individual experiments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "Profile",
+    "Claim",
+    "Table",
+    "Result",
+    "Experiment",
+    "Benchmark",
+    "experiment",
+    "benchmark",
+    "experiments",
+    "benchmarks",
+    "load_all",
+]
+
+Profile = Literal["quick", "full"]
+PROFILES: tuple[str, ...] = ("quick", "full")
+
+
+@dataclass
+class Claim:
+    """One checked claim of a paper.
+
+    ``paper`` is the paper's own number as text, or ``"not recovered"`` when the notes mark it
+    unconfirmed (only unmarked numbers from the notes are shown as the paper's). ``ours`` is what
+    this run measured; ``tolerance`` says in words what counts as agreement and why;
+    ``passed`` is the verdict.
+    """
+
+    text: str
+    paper: str
+    ours: str
+    tolerance: str
+    passed: bool
+
+
+@dataclass
+class Table:
+    """A small table for the report: a title, column headers and rows of cells."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class Result:
+    """What an experiment's ``run`` returns.
+
+    ``metrics`` is free-form JSON-able data; ``plots`` are PNG file names relative to the
+    experiment's output folder; ``claims`` are the checked claims; ``tables`` show the comparison
+    with the paper; ``notes`` is Markdown shown under the experiment in the report.
+    """
+
+    metrics: dict[str, Any]
+    claims: list[Claim] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    notes: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.claims)
+
+
+RunFn = Callable[..., Result]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered reproduction: ``run(profile, out, seed, device) -> Result``."""
+
+    name: str
+    arxiv: str
+    title: str
+    claim: str
+    run: RunFn
+    quick_minutes: float = 1.0
+
+    def __call__(self, profile: Profile, out: Path, seed: int = 0, device: str = "cpu") -> Result:
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = self.run(profile=profile, out=out, seed=seed, device=device)
+        if not isinstance(result, Result):
+            raise TypeError(f"experiment {self.name!r} returned {type(result).__name__}, not Result")
+        return result
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A registered benchmark: ``run(quick, device) -> dict`` (see :mod:`leantrain.bench`)."""
+
+    name: str
+    description: str
+    run: Callable[..., dict[str, Any]]
+
+
+_EXPERIMENTS: dict[str, Experiment] = {}
+_BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def experiment(
+    name: str, *, arxiv: str, title: str, claim: str, quick_minutes: float = 1.0
+) -> Callable[[RunFn], RunFn]:
+    """Decorator registering ``fn(profile, out, seed, device) -> Result`` as an experiment."""
+
+    def deco(fn: RunFn) -> RunFn:
+        if name in _EXPERIMENTS and _EXPERIMENTS[name].run is not fn:
+            raise ValueError(f"experiment name {name!r} is registered twice")
+        _EXPERIMENTS[name] = Experiment(name, arxiv, title, claim, fn, quick_minutes)
+        return fn
+
+    return deco
+
+
+def benchmark(name: str, *, description: str) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
+    """Decorator registering ``fn(quick: bool, device: str) -> dict`` as a benchmark."""
+
+    def deco(fn: Callable[..., dict]) -> Callable[..., dict]:
+        if name in _BENCHMARKS and _BENCHMARKS[name].run is not fn:
+            raise ValueError(f"benchmark name {name!r} is registered twice")
+        _BENCHMARKS[name] = Benchmark(name, description, fn)
+        return fn
+
+    return deco
+
+
+def _import_submodules(package: str) -> None:
+    pkg = importlib.import_module(package)
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+
+
+def load_all() -> None:
+    """Import every experiment and benchmark module so that they register."""
+    _import_submodules("leantrain.experiments")
+    _import_submodules("leantrain.bench")
+
+
+def experiments() -> dict[str, Experiment]:
+    """All registered experiments, by name (call :func:`load_all` first)."""
+    return dict(_EXPERIMENTS)
+
+
+def benchmarks() -> dict[str, Benchmark]:
+    """All registered benchmarks, by name (call :func:`load_all` first)."""
+    return dict(_BENCHMARKS)

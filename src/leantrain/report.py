@@ -1,0 +1,155 @@
+"""The reproduction report: every experiment beside the paper's own numbers, in HTML and Markdown.
+
+:func:`write_report` reads ``DIR/<experiment>/metrics.json`` (written by
+:func:`leantrain.reproduce.run_experiments`) and writes ``DIR/report.md`` and ``DIR/report.html``
+atomically, so an interrupted run leaves the previous report intact.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from leantrain.storage import write_text
+
+__all__ = ["read_records", "write_report", "render_markdown", "render_html"]
+
+
+def read_records(out: str | Path) -> list[dict[str, Any]]:
+    """All readable ``metrics.json`` records under ``out``, sorted by experiment name."""
+    out = Path(out)
+    records = []
+    for path in sorted(out.glob("*/metrics.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # never happens for our atomic writes; a foreign file is ignored
+    return records
+
+
+def _verdict(rec: dict[str, Any]) -> str:
+    if rec.get("status") != "complete":
+        return "ERROR"
+    return "PASS" if rec.get("passed") else "FAIL"
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    esc = lambda s: _cell(s).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(records: list[dict[str, Any]]) -> str:
+    """The Markdown report of ``records``."""
+    parts = ["# leantrain reproduction report", ""]
+    parts.append("Each experiment reproduces a published claim at small scale. *Paper* shows the paper's "
+                 "own number where the method notes confirm it, else `not recovered`.")
+    parts.append("")
+    summary = [[r["name"], f"arXiv:{r.get('arxiv', '')}", r.get("profile", ""), _verdict(r),
+                f"{sum(c['passed'] for c in r.get('claims', []))}/{len(r.get('claims', []))}",
+                f"{r.get('wall_time_s', 0):.1f}"] for r in records]
+    parts.append(_md_table(["experiment", "paper", "profile", "verdict", "claims passed", "wall time (s)"], summary))
+    for r in records:
+        parts += ["", f"## {r['name']}: {r.get('title', '')}", ""]
+        parts.append(f"Paper: [arXiv:{r.get('arxiv')}](https://arxiv.org/abs/{r.get('arxiv')}). "
+                     f"Claim: {r.get('claim', '')}")
+        parts.append("")
+        parts.append(f"Verdict: **{_verdict(r)}**. Profile `{r.get('profile')}`, seed {r.get('seed')}, "
+                     f"wall time {r.get('wall_time_s', 0):.1f} s. Rerun: `{r.get('command', '')}`")
+        if r.get("status") != "complete":
+            parts += ["", "```", str(r.get("error", "")).strip(), "```"]
+            continue
+        if r.get("claims"):
+            parts += ["", _md_table(["claim", "paper", "ours", "tolerance", "pass"],
+                                    [[c["text"], c["paper"], c["ours"], c["tolerance"],
+                                      "yes" if c["passed"] else "NO"] for c in r["claims"]])]
+        for t in r.get("tables", []):
+            parts += ["", f"**{t['title']}**", "", _md_table(t["headers"], t["rows"])]
+        for p in r.get("plots", []):
+            parts += ["", f"![{p}]({r['name']}/{p})"]
+        if r.get("notes"):
+            parts += ["", r["notes"].strip()]
+    return "\n".join(parts) + "\n"
+
+
+def _html_table(headers: list[str], rows: list[list[Any]], verdict_col: int | None = None) -> str:
+    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr></thead><tbody>"]
+    for row in rows:
+        cells = []
+        for i, c in enumerate(row):
+            cls = ""
+            if i == verdict_col:
+                cls = " class='pass'" if str(c) in ("PASS", "yes") else " class='fail'"
+            cells.append(f"<td{cls}>{html.escape(_cell(c))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+td.pass { background: #e3f6e3; font-weight: bold; } td.fail { background: #fbe3e3; font-weight: bold; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+code, pre { background: #f6f6f6; } pre { padding: 0.6em; overflow-x: auto; }
+section { border-top: 2px solid #ddd; margin-top: 2em; }
+"""
+
+
+def render_html(records: list[dict[str, Any]]) -> str:
+    """The HTML report of ``records`` (one self-contained page; plots linked relatively)."""
+    h = ["<!doctype html><html><head><meta charset='utf-8'><title>leantrain reproduction report</title>",
+         f"<style>{_CSS}</style></head><body>", "<h1>leantrain reproduction report</h1>",
+         "<p>Each experiment reproduces a published claim at small scale. <em>Paper</em> shows the paper's own "
+         "number where the method notes confirm it, else <code>not recovered</code>.</p>"]
+    summary = [[r["name"], f"arXiv:{r.get('arxiv', '')}", r.get("profile", ""), _verdict(r),
+                f"{sum(c['passed'] for c in r.get('claims', []))}/{len(r.get('claims', []))}",
+                f"{r.get('wall_time_s', 0):.1f}"] for r in records]
+    h.append(_html_table(["experiment", "paper", "profile", "verdict", "claims passed", "wall time (s)"], summary, 3))
+    for r in records:
+        name = html.escape(r["name"])
+        h.append(f"<section id='{name}'><h2>{name}: {html.escape(r.get('title', ''))}</h2>")
+        ax = html.escape(str(r.get("arxiv", "")))
+        h.append(f"<p>Paper: <a href='https://arxiv.org/abs/{ax}'>arXiv:{ax}</a>. "
+                 f"Claim: {html.escape(r.get('claim', ''))}</p>")
+        h.append(f"<p>Verdict: <strong>{_verdict(r)}</strong>. Profile <code>{html.escape(str(r.get('profile')))}"
+                 f"</code>, seed {html.escape(str(r.get('seed')))}, wall time {r.get('wall_time_s', 0):.1f} s. "
+                 f"Rerun: <code>{html.escape(r.get('command', ''))}</code></p>")
+        if r.get("status") != "complete":
+            h.append(f"<pre>{html.escape(str(r.get('error', '')))}</pre></section>")
+            continue
+        if r.get("claims"):
+            h.append(_html_table(["claim", "paper", "ours", "tolerance", "pass"],
+                                 [[c["text"], c["paper"], c["ours"], c["tolerance"],
+                                   "yes" if c["passed"] else "NO"] for c in r["claims"]], 4))
+        for t in r.get("tables", []):
+            h.append(f"<h3>{html.escape(t['title'])}</h3>")
+            h.append(_html_table(t["headers"], t["rows"]))
+        for p in r.get("plots", []):
+            src = html.escape(f"{r['name']}/{p}")
+            h.append(f"<div><img src='{src}' alt='{html.escape(p)}'></div>")
+        if r.get("notes"):
+            h.append("".join(f"<p>{html.escape(par)}</p>" for par in r["notes"].strip().split("\n\n")))
+        h.append("</section>")
+    h.append("</body></html>")
+    return "\n".join(h) + "\n"
+
+
+def write_report(out: str | Path) -> tuple[Path, Path]:
+    """Write ``out/report.md`` and ``out/report.html`` from the records under ``out``."""
+    out = Path(out)
+    records = read_records(out)
+    md = write_text(out / "report.md", render_markdown(records))
+    ht = write_text(out / "report.html", render_html(records))
+    return md, ht
