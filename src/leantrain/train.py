@@ -176,13 +176,15 @@ def fit(
     progress: bool = False,
     drop_last: bool = False,
     step_callback: Callable[[int, float], None] | None = None,
+    model_spec: dict[str, Any] | None = None,
 ) -> History:
     """Train ``model`` for ``epochs`` epochs (or ``max_steps`` optimizer steps, if reached first).
 
     Each evaluation row (end of every epoch) has ``epoch``, ``step``, ``train_loss`` (mean over the
     epoch's steps), ``test_loss``/``test_accuracy`` when ``test`` is given, and
     ``train_eval_loss``/``train_eval_accuracy`` (eval mode, whole training set) when
-    ``eval_train``. ``checkpoint_every=N`` saves atomically every N steps; ``resume=True`` continues
+    ``eval_train``. ``model_spec`` (from :func:`leantrain.models.model_spec`) is stored in the
+    checkpoint so :func:`leantrain.models.load_model` can rebuild the model. ``checkpoint_every=N`` saves atomically every N steps; ``resume=True`` continues
     from ``checkpoint`` if it exists (bit-identically, see the module docstring).
     """
     if epochs < 1:
@@ -223,7 +225,7 @@ def fit(
             "hooks": hooks.state_dict(), "epoch": ep, "batch": b, "step": step,
             "history": {"evals": history.evals, "step_loss": history.step_loss,
                         "skipped_steps": history.skipped_steps},
-            "rng": _rng_state(),
+            "rng": _rng_state(), "model_spec": model_spec,
         })
 
     bar = None
