@@ -184,8 +184,9 @@ def fit(
     epoch's steps), ``test_loss``/``test_accuracy`` when ``test`` is given, and
     ``train_eval_loss``/``train_eval_accuracy`` (eval mode, whole training set) when
     ``eval_train``. ``model_spec`` (from :func:`leantrain.models.model_spec`) is stored in the
-    checkpoint so :func:`leantrain.models.load_model` can rebuild the model. ``checkpoint_every=N`` saves atomically every N steps; ``resume=True`` continues
-    from ``checkpoint`` if it exists (bit-identically, see the module docstring).
+    checkpoint so :func:`leantrain.models.load_model` can rebuild the model.
+    ``checkpoint_every=N`` saves atomically every N steps; ``resume=True`` continues from
+    ``checkpoint`` if it exists (bit-identically, see the module docstring).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
