@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from leantrain.storage import load_torch, save_torch
 
-__all__ = ["Hooks", "History", "fit", "evaluate", "epoch_order", "batches", "accuracy_metric"]
+__all__ = ["Hooks", "History", "fit", "evaluate", "epoch_order", "batches", "accuracy_metric",
+           "sequence_cross_entropy", "binary_cross_entropy", "loss_for_task"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -111,6 +112,36 @@ def accuracy_metric(output: torch.Tensor, target: torch.Tensor) -> float:
     else:
         pred = output.argmax(-1)
     return (pred == target.reshape(pred.shape)).float().mean().item()
+
+
+def sequence_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position of (batch, time, vocab) logits and (batch, time) targets.
+
+    In nats per token; bits per character = value / ln 2.
+    """
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def binary_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean ``binary_cross_entropy_with_logits`` of one logit per sample ((batch,) or (batch, 1)) vs 0/1 targets."""
+    return nn.functional.binary_cross_entropy_with_logits(logits.reshape(-1), target.reshape(-1).to(logits.dtype))
+
+
+def loss_for_task(task: str) -> LossFn:
+    """The training loss of a :class:`~leantrain.data.DatasetInfo` task.
+
+    ``classification``: cross-entropy of logits; ``binary``: :func:`binary_cross_entropy`;
+    ``language``: :func:`sequence_cross_entropy`; ``regression``: mean squared error.
+    """
+    losses: dict[str, LossFn] = {
+        "classification": nn.functional.cross_entropy,
+        "binary": binary_cross_entropy,
+        "language": sequence_cross_entropy,
+        "regression": lambda out, y: nn.functional.mse_loss(out.reshape(y.shape), y),
+    }
+    if task not in losses:
+        raise ValueError(f"task must be one of {sorted(losses)}, got {task!r}")
+    return losses[task]
 
 
 @torch.no_grad()

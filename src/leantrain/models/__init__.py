@@ -10,16 +10,24 @@ from typing import Any
 
 from torch import nn
 
+from leantrain.models.dcgan import Discriminator, Generator
+from leantrain.models.dlrm import DLRM
 from leantrain.models.lenet import LeNet
+from leantrain.models.lstm import CharLSTM, LSTMLayer
 from leantrain.models.mlp import MLP
 from leantrain.models.resnet import ResNet, resnet20
 
-__all__ = ["MLP", "LeNet", "ResNet", "resnet20", "build", "MODELS", "model_spec", "load_model"]
+__all__ = ["MLP", "LeNet", "ResNet", "resnet20", "CharLSTM", "LSTMLayer", "Generator", "Discriminator", "DLRM",
+           "build", "MODELS", "model_spec", "load_model", "dataset_kwargs"]
 
 MODELS: dict[str, Any] = {
     "mlp": MLP,
     "lenet": LeNet,
     "resnet20": resnet20,
+    "charlstm": CharLSTM,
+    "dcgan_generator": Generator,
+    "dcgan_discriminator": Discriminator,
+    "dlrm": DLRM,
 }
 
 
@@ -28,6 +36,41 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name](**kwargs)
+
+
+def dataset_kwargs(name: str, info: Any) -> dict[str, Any]:
+    """The constructor arguments that fit model ``name`` to a data set's :class:`~leantrain.data.DatasetInfo`.
+
+    ``mlp``: ``in_features`` = product of the input shape, ``num_classes`` (1 logit for binary tasks);
+    ``lenet``/``resnet20``: ``in_channels`` (input must be (C, H, W)) and ``num_classes``;
+    ``charlstm``: ``vocab_size`` (language data sets); ``dlrm``: ``dense`` and ``cardinalities``
+    from ``info.extra``; ``dcgan_*``: ``data_shape``. Raises ValueError when the model cannot
+    consume the data set.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    shape = tuple(info.input_shape)
+    outputs = 1 if info.task == "binary" else info.num_classes
+    if name == "charlstm":
+        if info.task != "language":
+            raise ValueError(f"model 'charlstm' needs a language data set, {info.name!r} is {info.task!r}")
+        return {"vocab_size": info.num_classes}
+    if info.task == "language":
+        raise ValueError(f"data set {info.name!r} is a language data set; use model 'charlstm'")
+    if name == "dlrm":
+        if "cardinalities" not in info.extra or "dense" not in info.extra:
+            raise ValueError(f"model 'dlrm' needs dense features and categorical ids (e.g. 'clicks'), not {info.name!r}")
+        return {"dense": int(info.extra["dense"]), "cardinalities": tuple(info.extra["cardinalities"])}
+    if name in ("dcgan_generator", "dcgan_discriminator"):
+        return {"data_shape": shape}
+    if name in ("lenet", "resnet20"):
+        if len(shape) != 3:
+            raise ValueError(f"model {name!r} needs (channels, height, width) inputs; {info.name!r} has shape {shape}")
+        return {"in_channels": shape[0], "num_classes": outputs}
+    in_features = 1
+    for s in shape:
+        in_features *= s
+    return {"in_features": in_features, "num_classes": outputs}
 
 
 def model_spec(name: str, **kwargs: Any) -> dict[str, Any]:
