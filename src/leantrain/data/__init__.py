@@ -72,7 +72,7 @@ def register_dataset(name: str, *, description: str, bundled: bool = True):
 
 def _ensure_loaded() -> None:
     # Import for their registration side effect; kept lazy so `import leantrain.data` is cheap.
-    from leantrain.data import bundled, synthetic  # noqa: F401
+    from leantrain.data import bundled, synthetic, text  # noqa: F401
 
     try:
         from leantrain.data import files  # noqa: F401
