@@ -1,0 +1,19 @@
+"""Exact low-precision number formats and rounding (pure functions on tensors; imports nothing else of leantrain).
+
+See docs/numerics.md for the rounding, NaN, inf, subnormal and overflow rules.
+"""
+
+from leantrain.numerics.formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, PRESETS, TF32, FloatFormat
+from leantrain.numerics.rounding import (
+    ROUNDING_MODES,
+    check_rounding,
+    quantize,
+    round_low_bits,
+    round_to_integer,
+    stochastic_round_up,
+)
+
+__all__ = [
+    "FloatFormat", "FP32", "TF32", "BF16", "FP16", "FP8_E5M2", "FP8_E4M3", "PRESETS",
+    "ROUNDING_MODES", "check_rounding", "quantize", "round_to_integer", "round_low_bits", "stochastic_round_up",
+]

@@ -1,0 +1,287 @@
+"""The one rounding routine of leantrain: integers, float formats, fixed point, all on exact bit arithmetic.
+
+Every rounding in the project is "round a magnitude to a multiple of a power of two 2^g":
+
+- :func:`round_low_bits` rounds non-negative integers to multiples of ``2^shift``. Applied to the
+  bit pattern of a positive float32 it rounds the significand, and a carry out of the mantissa bumps the
+  exponent, so it is exact across binade boundaries. This is the core that all modes share:
+  nearest-even adds ``2^(shift-1) - 1 + lsb``, stochastic adds a uniform integer in ``[0, 2^shift)``,
+  truncate adds nothing; then the low ``shift`` bits are cleared.
+- :func:`round_to_integer` rounds float tensors to integers (grid ``2^0``); DFP, integer quantizers and
+  gradient compression call it after scaling by a power of two (an exact operation).
+- :func:`quantize` rounds float tensors to a :class:`~leantrain.numerics.formats.FloatFormat`, i.e. to the
+  grid ``2^(max(E_x, emin) - m)`` that depends on each element's binade.
+- :func:`stochastic_round_up` is the Bernoulli draw used where the grid is coarser than the value itself
+  (magnitude below one grid step), shared by :func:`round_to_integer` and :func:`quantize`.
+
+Rounding modes (``rounding=``):
+
+- ``"nearest"``: round to nearest, ties to even (IEEE 754 roundTiesToEven).
+- ``"stochastic"``: round away from zero (to the next grid point in magnitude) with probability
+  ``(|x| - lo) / (hi - lo)``, else toward zero, where ``lo <= |x| < hi`` are the neighbouring grid points.
+  So ``E[round(x)] = x``. Where the grid step is at most the value's own binade (``|x| >=`` one step) the
+  probability is exact (a uniform integer of exactly the dropped bits is added). Below one step the draw is
+  a float64 uniform compared with ``|x| / step``: exact when ``|x| / step >= 2^-30`` and otherwise off by less
+  than ``2^-53``. Reproducible with a ``torch.Generator`` (same generator state, same tensor size and
+  device -> same result).
+- ``"truncate"``: round toward zero (clear the low bits), what cheap hardware does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leantrain.numerics.formats import FloatFormat, float32_bits
+
+__all__ = ["ROUNDING_MODES", "check_rounding", "round_low_bits", "round_to_integer", "stochastic_round_up", "quantize"]
+
+ROUNDING_MODES = ("nearest", "stochastic", "truncate")
+
+_INF = 0x7F800000
+_NAN = 0x7FC00000
+_ABS = 0x7FFFFFFF
+_SIGN = -0x80000000
+_HIDDEN = 0x00800000
+# CPU: elements per block, so the handful of intermediates stays in cache (one pass over memory, not ten).
+_BLOCK = 1 << 16
+
+
+def check_rounding(rounding: str) -> str:
+    """Return ``rounding`` if it is a known mode, else raise ValueError naming the argument."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    return rounding
+
+
+def _check_float(x: object, arg: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{arg} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def round_low_bits(
+    a: torch.Tensor,
+    shift: int | torch.Tensor,
+    rounding: str,
+    *,
+    out: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    implicit_bit: int = 0,
+) -> torch.Tensor:
+    """Round non-negative integers ``a`` (int32 or int64) to multiples of ``2^shift``; returns ``out``.
+
+    ``r = (a + bias) & ~(2^shift - 1)`` with ``bias = 2^(shift-1) - 1 + bit_shift(a | implicit_bit)`` for
+    ``"nearest"`` (ties to even), ``bias ~ U{0, ..., 2^shift - 1}`` for ``"stochastic"`` (so
+    ``P(round up) = (a mod 2^shift) / 2^shift`` exactly) and ``bias = 0`` for ``"truncate"``.
+    The arithmetic is modular, so a sign bit above every carry (a float32 bit pattern) rides along unchanged.
+
+    Args:
+        a: non-negative integers; the caller guarantees that ``a + 2^shift`` does not overflow the dtype.
+        shift: number of low bits to drop, an int or an integer tensor broadcastable to ``a``,
+            ``0 <= shift <= 30`` (int32) / ``62`` (int64).
+        out: where to write (may be ``a`` itself: rounding in place); default a new tensor.
+        generator: random source for ``"stochastic"``.
+        implicit_bit: OR-ed into ``a`` only where the parity (the lowest kept bit) is read; a float
+            significand passes its hidden bit ``2^23`` so that ties at ``shift = 23`` go to even.
+    """
+    check_rounding(rounding)
+    if isinstance(shift, int):
+        mask = (1 << shift) - 1
+    else:
+        mask = torch.bitwise_left_shift(torch.ones((), dtype=a.dtype, device=a.device), shift.to(a.dtype)) - 1
+    if isinstance(shift, int) and shift == 0:
+        return a.clone() if out is None else out.copy_(a)
+    if rounding == "truncate":
+        return torch.bitwise_and(a, ~mask, out=out)
+    t = torch.empty_like(a) if out is None or out is a else out
+    if rounding == "nearest":
+        torch.bitwise_right_shift(a if implicit_bit == 0 else a | implicit_bit, shift, out=t)
+        t &= 1
+        if not isinstance(mask, int):
+            t &= mask  # no parity bias where shift == 0
+        t += mask >> 1
+    else:
+        t.random_(generator=generator)  # uniform on [0, 2^31) (int32) or [0, 2^63) (int64)
+        t &= mask
+    res = torch.add(a, t, out=a if out is a else t)
+    res &= ~mask
+    return res
+
+
+def stochastic_round_up(y: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bernoulli(``y``) draws for ``0 <= y < 1`` (bool tensor): ``U < y`` with ``U`` a float64 uniform on ``[0, 1)``.
+
+    ``P = ceil(y 2^53) / 2^53``: exactly ``y`` when ``y`` is a multiple of ``2^-53`` (every float32 ``y >= 2^-30``).
+    """
+    u = torch.rand(y.shape, dtype=torch.float64, device=y.device, generator=generator)
+    return u < y.to(torch.float64)
+
+
+def round_to_integer(x: torch.Tensor, rounding: str = "nearest", *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round a float tensor to integer values (same dtype, new tensor).
+
+    ``"nearest"``: ties to even (``torch.round``); ``"truncate"``: toward zero; ``"stochastic"``:
+    ``sign(x) * (floor(|x|) + B)`` with ``B ~ Bernoulli(|x| - floor(|x|))``, unbiased. For float32 (and
+    narrower floats, which are promoted to float32 and cast back exactly) the stochastic draw for
+    ``|x| >= 1`` adds uniform random bits below the binary point of the bit pattern (exact probability);
+    for ``|x| < 1`` and for float64 it is :func:`stochastic_round_up` (exact to ``2^-53``).
+    NaN and +-inf pass through; the sign of zero is kept.
+    """
+    _check_float(x)
+    check_rounding(rounding)
+    _check_generator(generator)
+    if rounding == "nearest":
+        return torch.round(x)
+    if rounding == "truncate":
+        return torch.trunc(x)
+    if x.dtype == torch.float64:
+        mag = x.abs()
+        low = torch.floor(mag)
+        up = stochastic_round_up(mag - low, generator=generator)
+        return torch.copysign(low + up.to(x.dtype), x)
+    xf = x.to(torch.float32).contiguous()
+    bits = xf.view(torch.int32)
+    a = bits & _ABS
+    exp_field = a >> 23
+    # Grid 2^0 relative to the binade 2^(E-127): drop 150 - E low bits (E in 127..149: 1 <= |x| < 2^23).
+    big = exp_field >= 150
+    small = exp_field < 127
+    shift = (150 - exp_field).clamp_(0, 23)
+    round_low_bits(a, shift, "stochastic", out=a, generator=generator)
+    below = stochastic_round_up(xf.abs()[small], generator=generator)
+    out = a.view(torch.float32)
+    out[small] = below.to(torch.float32)
+    out[big] = xf.abs()[big]  # integers already, and inf/NaN unchanged
+    out = torch.copysign(out, xf)
+    return out.to(x.dtype)
+
+
+def _blocks(n: int, device: torch.device):
+    step = _BLOCK if device.type == "cpu" else max(n, 1)
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: FloatFormat,
+    rounding: str = "nearest",
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Round ``x`` to the values of ``fmt``; returns a new float32 tensor (same shape and device).
+
+    Rules (``m = fmt.man_bits``, ``emin = fmt.emin``, ``max = fmt.max_normal``):
+
+    - Finite ``x`` is rounded (``rounding`` as in the module doc) to the grid ``2^(max(E_x, emin) - m)`` where
+      ``2^E_x <= |x| < 2^(E_x+1)``: m fraction bits for normals, the fixed subnormal step ``2^(emin - m)``
+      below ``min_normal``. A carry into the next binade is exact. "Even" in ties-to-even is the parity of
+      the integer significand ``|result| / step`` (for ``m = 0`` every normal significand is 1, so ties
+      between two powers of two go up).
+    - Signed zero: the sign is kept, also when a non-zero value rounds to zero.
+    - Subnormals: kept (``fmt.subnormals=True``, as in ml_dtypes and numpy); with ``subnormals=False`` every
+      input with ``|x| < min_normal`` becomes a zero of the same sign *before* rounding (flush-to-zero).
+    - Overflow: a result with magnitude above ``max`` (this includes rounding up past ``max``, and in "fn"
+      formats the all-ones NaN pattern) becomes ``+-inf`` for ``special="ieee"`` and NaN for ``"fn"``;
+      with ``saturate=True`` it becomes ``+-max``. ``"truncate"`` (round toward zero) never creates an
+      infinity: finite inputs beyond ``max`` become ``+-max`` (IEEE 754 overflow rule for toward-zero).
+    - ``+-inf`` input: stays ``+-inf`` ("ieee"), becomes NaN ("fn"), or ``+-max`` with ``saturate=True``.
+      ``special="finite"`` formats always saturate (overflow and inf to ``+-max``).
+    - NaN input: becomes the canonical float32 quiet NaN (any payload, any sign), also for "finite" formats
+      that cannot encode it (ml_dtypes turns NaN into -0 there; we refuse to hide a NaN).
+    - Input dtype: float32 is used as is; float16/bfloat16 are widened exactly; float64 is first rounded
+      to float32 (nearest-even), which can double-round.
+
+    Args:
+        x: floating-point tensor.
+        fmt: target format.
+        rounding: ``"nearest"``, ``"stochastic"`` or ``"truncate"``.
+        generator: random source for ``"stochastic"`` (default: torch's global generator).
+    """
+    _check_float(x)
+    if not isinstance(fmt, FloatFormat):
+        raise TypeError(f"fmt must be a FloatFormat, got {type(fmt).__name__}")
+    check_rounding(rounding)
+    _check_generator(generator)
+    xf = x.to(torch.float32).contiguous()
+    out = torch.empty_like(xf)
+    n = xf.numel()
+    if n == 0:
+        return out
+    src = xf.view(-1).view(torch.int32)
+    dst = out.view(-1).view(torch.int32)
+    xflat = xf.view(-1)
+    # m = 0 excluded: the tie parity is then the hidden bit, which the raw pattern does not hold.
+    fast = fmt.exp_bits == 8 and fmt.man_bits > 0 and fmt.subnormals and not fmt.saturating
+    for start, stop in _blocks(n, xf.device):
+        if fast:
+            _quantize_block_e8(src[start:stop], dst[start:stop], fmt, rounding, generator)
+        else:
+            _quantize_block(src[start:stop], dst[start:stop], fmt, rounding, generator)
+        nan = torch.isnan(xflat[start:stop])
+        dst[start:stop].masked_fill_(nan, _NAN)
+    return out
+
+
+def _quantize_block_e8(u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:
+    """8 exponent bits, subnormals kept, no saturation: one rounding of the raw pattern is exact everywhere.
+
+    FP32 subnormals are a linear grid in the raw bits, the format's subnormal step divides it, overflow
+    carries into exponent 255 = inf and inf stays inf; the sign bit is above every carry. NaN is fixed by the caller.
+    """
+    round_low_bits(u, 23 - fmt.man_bits, rounding, out=o, generator=gen)
+
+
+def _quantize_block(u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:
+    m = fmt.man_bits
+    d = 23 - m
+    max_bits = float32_bits(fmt.max_normal)
+    a = torch.bitwise_and(u, _ABS, out=o)
+    isinf = a == _INF
+    tiny = None if fmt.subnormals else a < float32_bits(fmt.min_normal)
+    below = below_up = None
+    if fmt.exp_bits < 8 or m == 0:
+        # Below min_normal the step is fixed at q = 2^(emin - m): drop d + (emin - E_x) bits; below q itself
+        # the result is 0 or q, decided by a comparison (nearest) or a Bernoulli draw (stochastic).
+        emin_field = fmt.emin + 127
+        q = float32_bits(2.0 ** (fmt.emin - m))
+        shift = (emin_field + d) - (a >> 23)
+        shift.clamp_(d, 23)
+        below = a < q
+        if rounding == "nearest":
+            below_up = a > float32_bits(2.0 ** (fmt.emin - m - 1))
+        elif rounding == "stochastic":
+            ratio = a.view(torch.float32) * 2.0 ** (m - fmt.emin)  # |x| / q, exact (power of two)
+            below_up = stochastic_round_up(ratio, generator=gen)
+        round_low_bits(a, shift, rounding, out=a, generator=gen, implicit_bit=_HIDDEN)
+        a.masked_fill_(below, 0)
+        if below_up is not None:
+            a.masked_fill_(below & below_up, q)
+    else:
+        round_low_bits(a, d, rounding, out=a, generator=gen)
+    over = a > max_bits
+    nan_extra = None
+    if fmt.saturating:
+        a.masked_fill_(over, max_bits)
+    elif rounding == "truncate":
+        a.masked_fill_(over, max_bits)
+        if fmt.special == "ieee":
+            a.masked_fill_(isinf, _INF)
+        else:
+            nan_extra = isinf
+    elif fmt.special == "ieee":
+        a.masked_fill_(over, _INF)
+    else:
+        nan_extra = over
+    if tiny is not None:
+        a.masked_fill_(tiny, 0)
+    a |= u & _SIGN
+    if nan_extra is not None:
+        a.masked_fill_(nan_extra, _NAN)
