@@ -3,6 +3,7 @@
 See docs/numerics.md for the rounding, NaN, inf, subnormal and overflow rules.
 """
 
+from leantrain.numerics.autograd import Quantizer, quantize_ste
 from leantrain.numerics.formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, PRESETS, TF32, FloatFormat
 from leantrain.numerics.rounding import (
     ROUNDING_MODES,
@@ -16,4 +17,5 @@ from leantrain.numerics.rounding import (
 __all__ = [
     "FloatFormat", "FP32", "TF32", "BF16", "FP16", "FP8_E5M2", "FP8_E4M3", "PRESETS",
     "ROUNDING_MODES", "check_rounding", "quantize", "round_to_integer", "round_low_bits", "stochastic_round_up",
+    "Quantizer", "quantize_ste",
 ]

@@ -46,10 +46,10 @@ _HIDDEN = 0x00800000
 _BLOCK = 1 << 16
 
 
-def check_rounding(rounding: str) -> str:
-    """Return ``rounding`` if it is a known mode, else raise ValueError naming the argument."""
+def check_rounding(rounding: str, arg: str = "rounding") -> str:
+    """Return ``rounding`` if it is a known mode, else raise ValueError naming the argument ``arg``."""
     if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+        raise ValueError(f"{arg} must be one of {ROUNDING_MODES}, got {rounding!r}")
     return rounding
 
 
