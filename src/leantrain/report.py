@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from leantrain.storage import write_text
+from leantrain.storage import remove_stale_temporaries, write_text
 
 __all__ = ["read_records", "write_report", "render_markdown", "render_html"]
 
@@ -149,6 +149,7 @@ def render_html(records: list[dict[str, Any]]) -> str:
 def write_report(out: str | Path) -> tuple[Path, Path]:
     """Write ``out/report.md`` and ``out/report.html`` from the records under ``out``."""
     out = Path(out)
+    remove_stale_temporaries(out)  # leftovers of a killed earlier run
     records = read_records(out)
     md = write_text(out / "report.md", render_markdown(records))
     ht = write_text(out / "report.html", render_html(records))

@@ -18,7 +18,7 @@ from typing import Any
 
 from leantrain import __version__
 from leantrain.registry import Experiment, experiments, load_all
-from leantrain.storage import write_json
+from leantrain.storage import remove_stale_temporaries, write_json
 
 __all__ = ["run_experiments", "is_complete"]
 
@@ -44,6 +44,7 @@ def run_one(exp: Experiment, profile: str, out: Path, seed: int, device: str) ->
     """Run one experiment and write its record; returns the record."""
     exp_out = Path(out) / exp.name
     exp_out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(exp_out)
     record: dict[str, Any] = {
         "name": exp.name, "arxiv": exp.arxiv, "title": exp.title, "claim": exp.claim,
         "profile": profile, "seed": seed, "device": device, "leantrain_version": __version__,
@@ -61,7 +62,11 @@ def run_one(exp: Experiment, profile: str, out: Path, seed: int, device: str) ->
     else:
         missing = [p for p in result.plots if not (exp_out / p).is_file()]
         if missing:
-            raise RuntimeError(f"experiment {exp.name!r} listed plots it did not write: {missing}")
+            record.update(status="error", passed=False, error=f"experiment listed plots it did not write: {missing}",
+                          wall_time_s=time.perf_counter() - t0, claims=[], tables=[], plots=[])
+            record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+            write_json(exp_out / "metrics.json", record)
+            return record
         record.update(
             status="complete", passed=result.passed, wall_time_s=time.perf_counter() - t0,
             claims=[dataclasses.asdict(c) for c in result.claims],

@@ -4,7 +4,9 @@ Every writer here writes to a temporary file in the destination's directory, flu
 it, then ``os.replace``-s it over the destination. ``os.replace`` is atomic on POSIX and Windows
 when source and destination are on the same file system, which the same-directory temporary
 guarantees. A run killed at any point leaves either the previous file or the new one, never a mix;
-the temporary file (``.<name>.<random>.tmp``) is removed on any Python-level error.
+the temporary file (``.<name>.<pid>.<random>.tmp``) is removed on any Python-level error. A
+process killed outright (SIGKILL, power loss) cannot clean up; :func:`remove_stale_temporaries`
+deletes such leftovers whose writing process no longer exists.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["write_bytes", "write_text", "write_json", "save_torch", "load_torch", "to_jsonable"]
+__all__ = ["write_bytes", "write_text", "write_json", "save_torch", "load_torch", "to_jsonable",
+           "remove_stale_temporaries"]
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -40,6 +43,39 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours, or the platform cannot tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete ``folder``'s temporary files left by killed writers (their pid is gone); returns them.
+
+    Only files named like this module's temporaries (``.<name>.<pid>.<random>.tmp``) are touched,
+    and only when process ``<pid>`` no longer exists, so a concurrent writer's file is safe.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(".*.tmp"):
+        parts = tmp.name.split(".")
+        pid = next((int(p) for p in reversed(parts[:-2]) if p.isdigit()), None)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -208,6 +208,7 @@ def fit(
     drop_last: bool = False,
     step_callback: Callable[[int, float], None] | None = None,
     model_spec: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> History:
     """Train ``model`` for ``epochs`` epochs (or ``max_steps`` optimizer steps, if reached first).
 
@@ -215,9 +216,10 @@ def fit(
     epoch's steps), ``test_loss``/``test_accuracy`` when ``test`` is given, and
     ``train_eval_loss``/``train_eval_accuracy`` (eval mode, whole training set) when
     ``eval_train``. ``model_spec`` (from :func:`leantrain.models.model_spec`) is stored in the
-    checkpoint so :func:`leantrain.models.load_model` can rebuild the model.
-    ``checkpoint_every=N`` saves atomically every N steps; ``resume=True`` continues from
-    ``checkpoint`` if it exists (bit-identically, see the module docstring).
+    checkpoint so :func:`leantrain.models.load_model` can rebuild the model; ``extra`` (any
+    picklable dict, e.g. the data set's name) is stored beside it, see
+    :func:`leantrain.models.checkpoint_extra`. ``checkpoint_every=N`` saves atomically every N
+    steps; ``resume=True`` continues from ``checkpoint`` if it exists (bit-identically, see the module docstring).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -227,32 +229,52 @@ def fit(
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     if (checkpoint_every or resume) and checkpoint is None:
         raise ValueError("checkpoint path is required with checkpoint_every > 0 or resume=True")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be None or >= 1, got {max_steps}")
+    n = len(train)
+    if n == 0:
+        raise ValueError("train data set is empty")
+    per_epoch = n // batch_size if drop_last else (n + batch_size - 1) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} > {n} samples with drop_last=True leaves no batch")
     hooks = hooks or Hooks()
     model.to(device)
     history = History()
     epoch, start_batch, step = 0, 0, 0
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    state = None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_torch(ckpt_path, map_location=device)
+        missing = [k for k in ("model", "optimizer", "epoch", "batch", "step", "history", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint {str(ckpt_path)!r} was not written by fit (missing {missing})")
+        if state.get("batch_size", batch_size) != batch_size or state.get("n_train", n) != n:
+            raise ValueError(f"checkpoint {str(ckpt_path)!r} was written with batch_size={state.get('batch_size')} on "
+                             f"{state.get('n_train')} samples; resuming needs the same (got {batch_size}, {n})")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         hooks.load_state_dict(state.get("hooks", {}))
         epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         history = History(**state["history"])
-        _set_rng_state(state["rng"])
+        if start_batch and history.evals and history.evals[-1].get("epoch") == epoch + 1:
+            history.evals.pop()  # the evaluation made when max_steps stopped inside this epoch; redone at its end
     else:
         torch.manual_seed(seed)
+    # Checkpoints hold the unwrapped model's state (clean keys whatever the hooks wrap it in) and
+    # the wrapped optimizer's (the one that actually steps).
+    base_model = model
     model, optimizer = hooks.wrap(model, optimizer)
-    n = len(train)
-    per_epoch = n // batch_size if drop_last else (n + batch_size - 1) // batch_size
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])  # last, so that nothing above consumes random numbers after it
 
     def save(ep: int, b: int) -> None:
         if ckpt_path is None:
             return
         save_torch(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": base_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "batch_size": batch_size, "n_train": n, "extra": dict(extra or {}),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "hooks": hooks.state_dict(), "epoch": ep, "batch": b, "step": step,
             "history": {"evals": history.evals, "step_loss": history.step_loss,
@@ -270,7 +292,6 @@ def fit(
     while epoch < epochs and not done:
         model.train()
         order = epoch_order(n, seed, epoch)
-        epoch_losses: list[float] = []
         b = start_batch
         for batch in batches(train, order, batch_size, start_batch, drop_last):
             x, y = (t.to(device) for t in batch[:2])
@@ -284,7 +305,6 @@ def fit(
             step += 1
             b += 1
             lv = float(loss.detach())
-            epoch_losses.append(lv)
             history.step_loss.append(lv)
             if step_callback is not None:
                 step_callback(step, lv)
@@ -298,7 +318,9 @@ def fit(
                 break
         start_batch = 0
         row: dict[str, float] = {"epoch": epoch + 1, "step": step}
-        row["train_loss"] = sum(epoch_losses) / max(len(epoch_losses), 1)
+        # Over all of this epoch's b steps, including those before a resume (history.step_loss has them).
+        this_epoch = history.step_loss[len(history.step_loss) - b:] if b else []
+        row["train_loss"] = sum(this_epoch) / max(len(this_epoch), 1)
         if eval_train:
             for k, v in evaluate(model, loss_fn, train, device=device, metric=metric).items():
                 row[f"train_eval_{k}"] = v

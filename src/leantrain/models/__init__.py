@@ -18,7 +18,7 @@ from leantrain.models.mlp import MLP
 from leantrain.models.resnet import ResNet, resnet20
 
 __all__ = ["MLP", "LeNet", "ResNet", "resnet20", "CharLSTM", "LSTMLayer", "Generator", "Discriminator", "DLRM",
-           "build", "MODELS", "model_spec", "load_model", "dataset_kwargs"]
+           "build", "MODELS", "model_spec", "load_model", "checkpoint_extra", "dataset_kwargs"]
 
 MODELS: dict[str, Any] = {
     "mlp": MLP,
@@ -97,3 +97,17 @@ def load_model(path: Any, *, map_location: str = "cpu") -> nn.Module:
     model = build(spec["name"], **spec.get("kwargs", {}))
     model.load_state_dict(state["model"])
     return model
+
+
+def checkpoint_extra(path: Any) -> dict[str, Any]:
+    """The ``extra`` dict a checkpoint was saved with (``fit(..., extra=...)``); empty when none.
+
+    ``leantrain train`` stores ``{"dataset": name, "data_args": {...}, "loss": task, ...}`` there,
+    so that tools taking a checkpoint (quantize, sharpness) can reload the data it was trained on.
+    """
+    from leantrain.storage import load_torch
+
+    state = load_torch(path)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"checkpoint {str(path)!r} was not written by leantrain.train.fit")
+    return dict(state.get("extra") or {})

@@ -1,0 +1,186 @@
+"""``leantrain train``: train a zoo model on a data set with :func:`leantrain.train.fit`, with checkpoints.
+
+The command is three steps, each its own function so that other layers can extend one of them:
+
+- :func:`add_train_arguments` declares the options (other layers add theirs in :func:`register`);
+- :func:`build_setup` turns parsed arguments into a :class:`TrainSetup` (data, model, loss,
+  optimizer, hooks, checkpoint spec and extras); :func:`make_hooks` is where precision or
+  distributed options become :class:`leantrain.train.Hooks`;
+- :func:`run` calls ``fit`` and writes ``OUT/history.json``.
+
+The checkpoint (``--checkpoint``, default ``OUT/checkpoint.pt``) carries the model spec and
+``extra = {"dataset", "data_args", "task", "train_options"}``, so :func:`leantrain.models.load_model`
+rebuilds the model and :func:`leantrain.models.checkpoint_extra` names its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leantrain.commands import add_common, emit, resolve_device
+
+#: Models that ``leantrain train`` cannot train with a supervised loss.
+UNSUPERVISED = {"dcgan_generator": "a GAN loop", "dcgan_discriminator": "a GAN loop"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model on a data set, with atomic checkpoints and --resume",
+        description="Train zoo model --model on data set --dataset with SGD or Adam. Writes OUT/history.json "
+                    "and a checkpoint that `leantrain quantize` / `leantrain sharpness` can read.",
+        epilog="example: leantrain train --model lenet --dataset digits --epochs 5 --out results/lenet-digits")
+    add_train_arguments(p)
+    add_common(p, out="results/train")
+    p.set_defaults(func=run)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; VALUE read as JSON when it parses (numbers, lists, true/false), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``leantrain train`` (without the common ``--seed --device --json --out``)."""
+    from leantrain.models import MODELS
+
+    p.add_argument("--model", required=True, choices=sorted(set(MODELS) - set(UNSUPERVISED)), help="zoo model")
+    p.add_argument("--dataset", required=True, help="data set name (see `leantrain data list`)")
+    p.add_argument("--data-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="keyword for the data set loader, e.g. root=DIR or train=FILE (repeatable)")
+    p.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="keyword for the model constructor, e.g. width=8 or hidden=[64,64] (repeatable)")
+    p.add_argument("--epochs", type=_positive_int, default=5, help="epochs (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size (default 64)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 0.05 for sgd, 1e-3 for adam)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer (default sgd)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default OUT/checkpoint.pt)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N optimizer steps (default: at the end of each epoch)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+@dataclass
+class TrainSetup:
+    """Everything :func:`run` hands to :func:`leantrain.train.fit`."""
+
+    model: Any
+    optimizer: Any
+    loss_fn: Any
+    hooks: Any
+    data: Any
+    spec: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_hooks(args: argparse.Namespace, model: Any, optimizer: Any) -> Any:
+    """The :class:`leantrain.train.Hooks` for these options: plain FP32 training unless a layer adds its own."""
+    from leantrain.train import Hooks
+
+    return Hooks()
+
+
+def build_setup(args: argparse.Namespace) -> TrainSetup:
+    """Load the data, build model, loss, optimizer and hooks from parsed ``leantrain train`` options."""
+    import torch
+
+    from leantrain.data import load_dataset
+    from leantrain.models import build, dataset_kwargs, model_spec
+    from leantrain.train import loss_for_task
+
+    if args.model in UNSUPERVISED:
+        raise ValueError(f"model {args.model!r} is trained by {UNSUPERVISED[args.model]}, not `leantrain train`")
+    data_args = dict(args.data_arg)
+    data = load_dataset(args.dataset, **data_args)
+    kwargs = {**dataset_kwargs(args.model, data.info), **dict(args.model_arg)}
+    torch.manual_seed(args.seed)  # model initialisation
+    try:
+        spec = model_spec(args.model, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"--model-arg does not fit model {args.model!r}: {exc}") from exc
+    model = build(spec["name"], **spec["kwargs"])
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.optimizer == "sgd":
+        lr = args.lr if args.lr is not None else 0.05
+        if not 0 <= args.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {args.momentum}")
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        lr = args.lr if args.lr is not None else 1e-3
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json") and not callable(v)}
+    extra = {"dataset": args.dataset, "data_args": data_args, "task": data.info.task, "train_options": options}
+    return TrainSetup(model, opt, loss_for_task(data.info.task), make_hooks(args, model, opt), data, spec, extra)
+
+
+def _summary(row: dict[str, float], task: str) -> str:
+    parts = [f"epoch {int(row['epoch'])}", f"step {int(row['step'])}", f"train loss {row['train_loss']:.4f}"]
+    if "test_loss" in row:
+        parts.append(f"test loss {row['test_loss']:.4f}")
+        if task == "language":
+            parts.append(f"test bits/char {row['test_loss'] / math.log(2):.3f}")
+    if "test_accuracy" in row:
+        parts.append(f"test accuracy {row['test_accuracy']:.4f}")
+    return ", ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from leantrain.storage import write_json
+    from leantrain.train import fit
+
+    device = resolve_device(args.device)
+    setup = build_setup(args)
+    out = Path(args.out)
+    ckpt = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
+    task = setup.data.info.task
+    fit_kwargs = {"metric": None} if task == "regression" else {}  # accuracy means nothing for regression
+    history = fit(setup.model, setup.optimizer, setup.loss_fn, setup.data.train, test=setup.data.test,
+                  epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device, hooks=setup.hooks,
+                  checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                  max_steps=args.max_steps, eval_train=False, progress=not args.no_progress,
+                  model_spec=setup.spec, extra=setup.extra, **fit_kwargs)
+    result = {"model_spec": setup.spec, "dataset": args.dataset, "task": task, "checkpoint": str(ckpt),
+              "steps": len(history.step_loss), "skipped_steps": history.skipped_steps, "evals": history.evals,
+              "final": history.evals[-1] if history.evals else {}}
+    hist_path = write_json(out / "history.json", result)
+    text = "\n".join(_summary(r, task) for r in history.evals)
+    text += f"\ncheckpoint: {ckpt}\nhistory: {hist_path}"
+    emit(args, result, text)
+    return 0
