@@ -1,0 +1,214 @@
+"""Integer GEMM with a narrow accumulator, emulated exactly; DFP matmul on top of it.
+
+Accumulation model (what :func:`int_matmul` emulates, bit for bit):
+
+- ``C[m, n]`` is accumulated in a two's-complement register of ``acc_bits`` bits, range
+  ``[lo, hi] = [-2^(acc_bits-1), 2^(acc_bits-1) - 1]``, starting at 0.
+- The products ``p_k = a[m, k] * b[k, n]`` are exact (an INT16 x INT16 product always fits INT32) and are
+  added **sequentially in increasing k** (within each chunk, see below): ``acc <- acc (+) p_k``.
+- ``(+)`` on leaving the range: ``"wrap"``: modulo ``2^acc_bits`` (what integer hardware does silently);
+  ``"saturate"``: clamp to ``[lo, hi]`` at that addition; ``"error"``: raise ``OverflowError``.
+- An *overflow event* is one addition whose exact value ``acc + p_k`` lies outside ``[lo, hi]``;
+  ``stats["overflow_events"]`` counts them, ``stats["overflowed_outputs"]`` counts accumulators (outputs
+  x chunks) with at least one event.
+- ``chunk=c`` splits k into consecutive chunks of ``c`` (the last may be shorter). Each chunk is accumulated
+  in its own narrow register from 0; the chunk results are converted to float32 (round to nearest even)
+  and summed in float32 in increasing chunk order: ``((r_0 + r_1) + r_2) + ...``. This is the INT16
+  paper's remedy for INT32 overflow. Without ``chunk`` the result is the integer register itself.
+
+Safe chunk lengths: if ``|a| <= A`` and ``|b| <= B`` every partial sum of ``c`` products is at most ``c A B``
+in magnitude, so no overflow can occur when ``c * A * B <= 2^(acc_bits-1) - 1``: :func:`safe_chunk`.
+For symmetric ``bits``-bit operands (``A = B = 2^(bits-1) - 1``, as DFP produces) and a 32-bit register:
+INT16 -> c = 2, INT12 -> 512, INT8 -> 133144. Real data is far from this worst case; the stats show how often
+overflow actually happens.
+
+Implementation: exact sums come from a float64 GEMM (exact while ``K A B < 2^53``); an output can only
+overflow if ``sum_k |a_mk b_kn| > hi`` (also a float64 GEMM), and only those outputs are emulated step by
+step: prefix sums in int64 (wrap: the wrapped register before step k is ``wrap(S_{k-1})``; an event is
+``wrap(S_{k-1}) + p_k`` out of range), and a sequential clamp along k for saturation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from leantrain.numerics.dfp import _check_bits, _ldexp, from_dfp, to_dfp
+
+__all__ = ["int_matmul", "dfp_matmul", "safe_chunk", "OVERFLOW_MODES"]
+
+OVERFLOW_MODES = ("wrap", "saturate", "error")
+# Candidate outputs emulated per batch: bounds the (outputs x K) int64 product buffer to 32 MiB.
+_EMULATE_ELEMENTS = 1 << 22
+
+
+def safe_chunk(a_max: int, b_max: int, acc_bits: int = 32) -> int:
+    """Largest chunk length ``c`` with ``c * a_max * b_max <= 2^(acc_bits-1) - 1`` (no overflow possible).
+
+    ``a_max``, ``b_max``: bounds on the operands' magnitudes, e.g. ``2^(bits-1) - 1`` for symmetric
+    ``bits``-bit integers. Returns at least 1 (a single product must fit the register: checked).
+    """
+    if a_max < 0 or b_max < 0:
+        raise ValueError(f"a_max and b_max must be >= 0, got {a_max}, {b_max}")
+    hi = 2 ** (acc_bits - 1) - 1
+    prod = a_max * b_max
+    if prod > hi:
+        raise ValueError(f"a single product {a_max}*{b_max} does not fit a {acc_bits}-bit accumulator")
+    return hi // prod if prod else 2**62
+
+
+def _check_int(t: object, arg: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{arg} must be an integer tensor, got dtype {t.dtype}")
+    return t
+
+
+def _wrap(v: torch.Tensor, acc_bits: int) -> torch.Tensor:
+    lo = -(2 ** (acc_bits - 1))
+    return torch.remainder(v - lo, 2**acc_bits) + lo
+
+
+def _accumulate(a: torch.Tensor, b: torch.Tensor, acc_bits: int, overflow: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One register per output over all of k: returns (register int64 (M, N), events (M, N), exact sum (M, N))."""
+    lo, hi = -(2 ** (acc_bits - 1)), 2 ** (acc_bits - 1) - 1
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    exact = (a64 @ b64).to(torch.int64)
+    bound = a64.abs() @ b64.abs()
+    reg = exact.clone()
+    events = torch.zeros_like(exact)
+    cand = (bound > hi).nonzero()
+    if cand.numel() == 0:
+        return reg, events, exact
+    kdim = a.shape[1]
+    step = max(1, _EMULATE_ELEMENTS // max(kdim, 1))
+    for s in range(0, cand.shape[0], step):
+        mi, ni = cand[s:s + step, 0], cand[s:s + step, 1]
+        prods = a[mi].to(torch.int64) * b[:, ni].t().to(torch.int64)  # (c, K), exact
+        prefix = torch.cumsum(prods, dim=1)
+        if overflow == "saturate":
+            acc = torch.zeros(prods.shape[0], dtype=torch.int64, device=a.device)
+            ev = torch.zeros_like(acc)
+            # Only rows whose exact prefix sums leave the range need the sequential clamp.
+            rows = ((prefix < lo) | (prefix > hi)).any(dim=1).nonzero().squeeze(1)
+            p = prods[rows]
+            acc_r = acc[rows]
+            ev_r = ev[rows]
+            for k in range(kdim):
+                t = acc_r + p[:, k]
+                ev_r += (t < lo) | (t > hi)
+                acc_r = t.clamp_(lo, hi)
+            acc = prefix[:, -1].clone()
+            acc[rows] = acc_r
+            ev[rows] = ev_r
+            reg[mi, ni] = acc
+            events[mi, ni] = ev
+        else:
+            before = torch.cat([torch.zeros_like(prefix[:, :1]), _wrap(prefix[:, :-1], acc_bits)], dim=1)
+            t = before + prods
+            events[mi, ni] = ((t < lo) | (t > hi)).sum(dim=1)
+            reg[mi, ni] = _wrap(prefix[:, -1], acc_bits)
+    return reg, events, exact
+
+
+def int_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    acc_bits: int = 32,
+    chunk: int | None = None,
+    overflow: str = "wrap",
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``a @ b`` for integer tensors with an ``acc_bits``-bit accumulator, emulated exactly (module doc).
+
+    Args:
+        a: integer tensor (..., M, K) (leading dimensions are batched over).
+        b: integer tensor (K, N).
+        acc_bits: accumulator width, 2..62.
+        chunk: None (one register per output over all of K) or the chunk length along K (module doc).
+        overflow: ``"wrap"``, ``"saturate"`` or ``"error"`` (raise ``OverflowError`` on the first event).
+
+    Returns:
+        ``(result, stats)``: ``result`` is the integer register (int32 if ``acc_bits <= 32`` else int64),
+        shape (..., M, N), without ``chunk``; the float32 sum of the chunk registers with ``chunk``.
+        ``stats``: ``overflow_events``, ``overflowed_outputs``, ``accumulations`` (= outputs x K),
+        ``overflow_rate`` (events / accumulations), ``chunks``, ``max_abs_exact`` (largest |exact chunk sum|),
+        ``acc_bits``, ``chunk``.
+    """
+    _check_int(a, "a")
+    _check_int(b, "b")
+    if not isinstance(acc_bits, int) or not 2 <= acc_bits <= 62:
+        raise ValueError(f"acc_bits must be an int in 2..62, got {acc_bits!r}")
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+    if a.dim() < 2 or b.dim() != 2 or a.shape[-1] != b.shape[0]:
+        raise ValueError(f"a must be (..., M, K) and b (K, N) with matching K, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    lead, (m_, k_), n_ = a.shape[:-2], a.shape[-2:], b.shape[1]
+    a2 = a.reshape(-1, k_)
+    amax = int(a2.to(torch.int64).abs().max()) if a2.numel() else 0  # int64 first: |-2^15| overflows int16
+    bmax = int(b.to(torch.int64).abs().max()) if b.numel() else 0
+    if k_ * amax * bmax >= 2**53:
+        raise ValueError(f"operands too wide for exact emulation: K*max|a|*max|b| = {k_ * amax * bmax} >= 2^53")
+    c = k_ if chunk is None else chunk
+    starts = list(range(0, k_, c)) or [0]
+    regs, total_events, outputs_hit, max_exact = [], 0, 0, 0
+    for s in starts:
+        reg, ev, exact = _accumulate(a2[:, s:s + c], b[s:s + c], acc_bits, overflow)
+        n_ev = int(ev.sum())
+        if overflow == "error" and n_ev:
+            first = (ev > 0).nonzero()[0].tolist()
+            raise OverflowError(f"{acc_bits}-bit accumulator overflowed {n_ev} times (first at output {first}, k-chunk "
+                                f"starting at {s}); use overflow='wrap'/'saturate' or a smaller chunk")
+        total_events += n_ev
+        outputs_hit += int((ev > 0).sum())
+        max_exact = max(max_exact, int(exact.abs().max()) if exact.numel() else 0)
+        regs.append(reg)
+    if chunk is None:
+        result = regs[0].to(torch.int32 if acc_bits <= 32 else torch.int64)
+    else:
+        result = regs[0].to(torch.float32)
+        for r in regs[1:]:
+            result = result + r.to(torch.float32)  # float32 accumulation across chunks, in order
+    stats = {"overflow_events": total_events, "overflowed_outputs": outputs_hit, "accumulations": a2.shape[0] * n_ * k_,
+             "chunks": len(starts), "max_abs_exact": max_exact, "acc_bits": acc_bits, "chunk": chunk}
+    stats["overflow_rate"] = total_events / max(stats["accumulations"], 1)
+    return result.reshape(*lead, m_, n_), stats
+
+
+def dfp_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bits: int = 16,
+    *,
+    acc_bits: int = 32,
+    chunk: int | None = None,
+    overflow: str = "wrap",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``x @ w`` through DFP: ``(I_x, E_x) = to_dfp(x)``, ``(I_w, E_w) = to_dfp(w)`` (one exponent per tensor),
+    ``R = int_matmul(I_x, I_w)``, result ``R * 2^(E_x + E_w)`` as float32.
+
+    Args:
+        x: float tensor (..., M, K); w: float tensor (K, N).
+        bits: DFP mantissa width (sign included) of both operands.
+        acc_bits, chunk, overflow: as in :func:`int_matmul`.
+        rounding, generator: DFP rounding of both operands (:func:`~leantrain.numerics.dfp.to_dfp`).
+
+    Returns ``(y, stats)``; stats are :func:`int_matmul`'s plus ``exponent_x``, ``exponent_w``.
+    """
+    _check_bits(bits)
+    ix, ex = to_dfp(x, bits, rounding=rounding, generator=generator)
+    iw, ew = to_dfp(w, bits, rounding=rounding, generator=generator)
+    r, stats = int_matmul(ix, iw, acc_bits=acc_bits, chunk=chunk, overflow=overflow)
+    e = ex.to(torch.int64) + ew.to(torch.int64)
+    if chunk is None:
+        y = from_dfp(r, e)
+    else:
+        y = _ldexp(r.to(torch.float64), e).to(torch.float32)  # power-of-two rescale of the float32 chunk sum
+    stats.update(exponent_x=int(ex), exponent_w=int(ew))
+    return y, stats
