@@ -71,7 +71,7 @@ def _wrap(v: torch.Tensor, acc_bits: int) -> torch.Tensor:
     return torch.remainder(v - lo, 2**acc_bits) + lo
 
 
-def _accumulate(a: torch.Tensor, b: torch.Tensor, acc_bits: int, overflow: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _accumulate(a: torch.Tensor, b: torch.Tensor, acc_bits: int, overflow: str) -> tuple[torch.Tensor, ...]:
     """One register per output over all of k: returns (register int64 (M, N), events (M, N), exact sum (M, N))."""
     lo, hi = -(2 ** (acc_bits - 1)), 2 ** (acc_bits - 1) - 1
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
