@@ -13,12 +13,13 @@ we score
 
     s_l(t) = (1 / B) sum_b || J_l(x_b) vec(delta_l(t)) ||^2
 
-over calibration inputs x_b, computed exactly with forward-mode AD (``torch.func.jvp``; one
-Jacobian-vector product per layer and t, no Jacobian is formed). Layers' contributions add to first
-order, so the estimated gain of edge (l, t+1) is ``s_l(t) - s_l(t+1)``. Edges are ranked greedily by
-gain per unit cost (cost = the edge's extra weight bits ``2*numel + 32*G`` (or 16*G for float16
-scales), or its extra operations ``MACs + scale multiplies``), a layer's edges always in term order;
-``"random"`` gives a random interleaving with the same per-layer order (the control).
+over calibration inputs x_b, computed exactly as Jacobian-vector products (by double backward: one
+forward and backward pass for all layers, then one product per layer and t; no Jacobian is formed).
+Layers' contributions add to first order, so the estimated gain of edge (l, t+1) is
+``s_l(t) - s_l(t+1)``. Edges are ranked greedily by gain per unit cost, a layer's edges always in
+term order. The cost of an edge is its extra weight bits ``2*numel + scale_bits*G`` (``unit="size"``)
+or its extra operations ``MACs + K*S*L`` (``unit="ops"``). ``sensitivity="random"`` gives a random
+interleaving with the same per-layer order (the control).
 
 **Budget.** ``budget`` is the extra size (``unit="size"``) or extra operations (``unit="ops"``) as a
 fraction of the plain 8-2 model's quantized layers; edges are switched on in ranked order while the
@@ -33,7 +34,6 @@ import math
 from typing import Any
 
 import torch
-from torch.func import functional_call, jvp
 
 from leantrain.quant.convert import QuantizedModel, calibration_inputs
 from leantrain.quant.layers import QuantLayer
@@ -64,20 +64,22 @@ def perturbation_sensitivity(qmodel: QuantizedModel, inputs: torch.Tensor, *, ma
     x = inputs.to(next(net.parameters()).device)
     out: dict[str, list[float]] = {}
     try:
-        for name, layer in layers.items():
-            if layer.weight is None:
-                raise ValueError(f"layer {name!r} has no FP32 shadow weight; sensitivity needs the float model")
-            w0 = layer.weight.detach()
-            key = f"{name}.weight"
-
-            def f(w: torch.Tensor, key: str = key) -> torch.Tensor:
-                return functional_call(net, {key: w}, (x,))
-
-            scores = []
-            for t in range(1, max_terms + 1):
-                _, dz = jvp(f, (w0,), (_weight_error(layer, t),))
-                scores.append(float(dz.detach().double().square().sum() / len(x)))
-            out[name] = scores
+        missing = [n for n, layer in layers.items() if layer.weight is None]
+        if missing:
+            raise ValueError(f"layers {missing} have no FP32 shadow weight; sensitivity needs the float model")
+        weights = [layer.weight for layer in layers.values()]
+        with torch.enable_grad():
+            # J delta without forming J: g(v) = J^T v is linear in v, so d<g(v), delta>/dv = J delta
+            # (the double-backward form of a Jacobian-vector product; one forward for all layers).
+            z = net(x)
+            v = torch.zeros_like(z, requires_grad=True)
+            grads = torch.autograd.grad(z, weights, v, create_graph=True)
+            for (name, layer), g in zip(layers.items(), grads):
+                scores = []
+                for t in range(1, max_terms + 1):
+                    (dz,) = torch.autograd.grad(g, v, _weight_error(layer, t), retain_graph=True)
+                    scores.append(float(dz.detach().double().square().sum() / len(x)))
+                out[name] = scores
     finally:
         for n, layer in layers.items():
             layer.mode = modes[n]

@@ -1,0 +1,314 @@
+"""Model-level tests of leantrain.quant: conversion, integer path, counting, residual edges, export, CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from leantrain.models import LeNet, model_spec, resnet20
+from leantrain.quant import (
+    QuantizedModel,
+    add_residual_edges,
+    finetune,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+    ternarize,
+    to_torch_int8,
+    torch_int8_available,
+)
+from leantrain.quant.layers import QuantLayer
+
+
+def _tiny_resnet() -> tuple[nn.Module, torch.Tensor, dict]:
+    torch.manual_seed(0)
+    m = resnet20(width=4, in_channels=3, num_classes=5, depth=8).eval()
+    for mod in m.modules():  # non-trivial BN statistics so that BN matters
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return m, x, model_spec("resnet20", width=4, in_channels=3, num_classes=5, depth=8)
+
+
+def _layer_io(layer_kind: str):
+    g = torch.Generator().manual_seed(2)
+    if layer_kind == "conv2d":
+        mod = nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=True)
+        x = torch.randn(3, 8, 9, 9, generator=g)
+    elif layer_kind == "conv1d":
+        mod = nn.Conv1d(8, 6, 5, padding=2, dilation=2)
+        x = torch.randn(3, 8, 17, generator=g)
+    else:
+        mod = nn.Linear(24, 6)
+        x = torch.randn(5, 24, generator=g)
+    return mod, x
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "linear"])
+@pytest.mark.parametrize("spec,bits,terms", [("fgq:4", 2, 1), ("fgq:4", 2, 3), ("fgq:16:partial", 2, 2), ("cluster:2", 2, 1),
+                                             ("channel", 4, 1), ("tensor", 8, 1), ("fgq:8", 4, 1)])
+def test_integer_path_equals_fake_quant_path(kind: str, spec: str, bits: int, terms: int) -> None:
+    from leantrain.quant import ActQuantizer
+
+    mod, x = _layer_io(kind)
+    act = ActQuantizer(8)
+    act.start_calibration()
+    act(x)
+    act.finish_calibration()
+    layer = QuantLayer(mod, bits=bits, grouping=spec, act=act, terms=terms).eval()
+    layer.active_terms = terms
+    fake = layer(x)
+    layer.mode = "integer"
+    integer = layer(x)
+    assert integer.shape == fake.shape == mod(x).shape
+    # Float64 reference of the exact value s_x * sum alpha T q + b, and the float32 accumulation bound.
+    q = act.codes(x).double() * float(act.scale)
+    w = layer.weight_hat().double()
+    op = {"conv2d": lambda a, b, bias: F.conv2d(a, b, bias, 2, 1), "conv1d": lambda a, b, bias: F.conv1d(a, b, bias, 1, 2, 2),
+          "linear": F.linear}[kind]
+    ref = op(q, w, mod.bias.double())
+    mag = op(q.abs(), w.abs(), mod.bias.double().abs())
+    R = math.prod(mod.weight.shape[1:])
+    bound = (R + 3) * 2.0**-24 * mag + 1e-30
+    assert bool(((integer.double() - ref).abs() <= 2.0**-23 * mag + 1e-30).all())  # rounded once
+    assert bool(((fake.double() - ref).abs() <= bound).all())
+    assert bool(((integer.double() - fake.double()).abs() <= bound + 2.0**-23 * mag).all())
+
+
+def test_integer_mode_on_whole_model_tracks_fake_mode() -> None:
+    m, x, _ = _tiny_resnet()
+    q = quantize_model(m, grouping="fgq:4", calibration=x)
+    fake = q(x)
+    integer = q.set_mode("integer")(x)
+    # Layer outputs agree to float rounding; a rare 1-LSB flip of a downstream activation code is allowed.
+    assert (integer - fake).abs().max() <= 0.05 * fake.abs().max()
+    assert (integer.argmax(1) == fake.argmax(1)).float().mean() >= 0.9
+
+
+def test_multiplication_count_equals_hand_count_on_small_conv() -> None:
+    # Conv 8 -> 4 channels, 3x3, no padding, on 6x6 input: 4x4 = 16 output positions, R = 72.
+    # FP32: 4 * 72 * 16 = 4608 multiplications. fgq:8 -> 72/8 = 9 scale multiplies per output:
+    # 4 * 9 * 16 = 576 remain, 87.5% replaced. cluster:2 -> 1 per output: 64 remain.
+    # fgq:16:partial -> ceil(72/16) = 5 segments: 320 remain.
+    net = nn.Sequential(nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 8, 6, 6)
+    for spec, remain in (("fgq:8", 576), ("cluster:2", 64), ("fgq:16:partial", 320), ("tensor", 64)):
+        row = quantize_model(net, grouping=spec, calibration=x, keep=None).report()[0]
+        assert row.macs == 4608 and row.mults == remain
+        assert row.mults_replaced == pytest.approx(1 - remain / 4608)
+        assert row.mem_fp32_bytes == 4 * 288
+    int4 = quantize_model(net, weights="int4", grouping="fgq:8", calibration=x, keep=None).report()[0]
+    assert int4.mults_replaced == 0.0 and int4.mults == 4608 + 576
+    assert int4.mem_quant_bytes == 288 * 4 / 8 + 36 * 4  # 4-bit codes + 36 float32 scales
+
+
+def test_quantize_model_keeps_first_last_and_leaves_the_input_model_alone() -> None:
+    m, x, _ = _tiny_resnet()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    q = quantize_model(m, grouping="fgq:4", calibration=x)
+    assert isinstance(q, QuantizedModel) and isinstance(q, nn.Module)
+    rows = q.report()
+    assert rows[0].name == "conv" and rows[0].status.startswith("kept") and rows[-1].name == "fc"
+    assert all(r.status == "quantized" for r in rows[1:-1])
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    q_all = quantize_model(m, grouping="channel", calibration=x, keep=None)
+    assert all(r.status == "quantized" for r in q_all.report())
+    # Float mode is the original network exactly.
+    assert torch.equal(q.set_mode("float")(x), m(x))
+
+
+def test_residual_edges_reduce_error_and_switching_off_restores_8_2_exactly() -> None:
+    m, x, _ = _tiny_resnet()
+    q = quantize_model(m, grouping="fgq:4", calibration=x)
+    y82 = q(x)
+    info = add_residual_edges(q, budget=0.5, max_terms=3)
+    assert 0 < info["budget_edges"] <= len(info["edge_order"]) and info["spent"] <= 0.5
+    for name, layer in q.quant_layers().items():
+        errs = [layer.weight_error(t) for t in range(1, layer.n_terms + 1)]
+        assert all(b < a for a, b in zip(errs, errs[1:])), (name, errs)
+    y_res = q(x)
+    assert not torch.equal(y_res, y82)
+    yfp = m(x)
+    assert (y_res - yfp).norm() < (y82 - yfp).norm()
+    q.set_residuals(0)
+    assert torch.equal(q(x), y82)
+    q.set_residuals(len(q.edge_order))
+    for layer in q.quant_layers().values():  # per-layer switches
+        layer.active_terms = 1
+    assert torch.equal(q(x), y82)
+    # The ranking respects term order inside each layer.
+    seen: dict[str, int] = {}
+    for name, t in q.edge_order:
+        assert t == seen.get(name, 0) + 1
+        seen[name] = t
+
+
+def test_sensitivity_is_the_first_order_output_perturbation() -> None:
+    from leantrain.quant import perturbation_sensitivity
+
+    m, x, _ = _tiny_resnet()
+    q = quantize_model(m, grouping="fgq:4", calibration=x)
+    for layer in q.quant_layers().values():
+        layer.requantize(2)
+    s = perturbation_sensitivity(q, x, max_terms=2)
+    # Oracle: finite differences of the FP32 network along the same weight perturbation.
+    name = "layers.0.conv1"
+    layer = q.layer(name)
+    delta = (layer.weight.detach() - layer.weight_hat(1)).double()
+    net = m.double()
+    p = net.get_submodule(name).weight
+    eps = 1e-4
+    with torch.no_grad():
+        w0 = p.clone()
+        p.add_(eps * delta)
+        up = net(x.double())
+        p.copy_(w0 - eps * delta)
+        down = net(x.double())
+        p.copy_(w0)
+    fd = (up - down) / (2 * eps)
+    assert s[name][0] == pytest.approx(float(fd.square().sum()) / len(x), rel=1e-3)
+
+
+def test_random_order_and_budget_arguments() -> None:
+    m, x, _ = _tiny_resnet()
+    q = quantize_model(m, grouping="fgq:4", calibration=x)
+    info = add_residual_edges(q, budget=0.0, sensitivity="random", max_terms=3, seed=3)
+    assert info["budget_edges"] == 0 and q.residuals_on == 0
+    assert len(info["edge_order"]) == 2 * len(q.quant_layers())
+    with pytest.raises(ValueError, match="budget"):
+        add_residual_edges(q, budget=-1)
+    with pytest.raises(ValueError, match="sensitivity"):
+        add_residual_edges(q, budget=0.1, sensitivity="hessian")
+    with pytest.raises(ValueError, match="k must be"):
+        q.set_residuals(len(q.edge_order) + 1)
+    with pytest.raises(ValueError, match="active_terms"):
+        next(iter(q.quant_layers().values())).active_terms = 0
+    q4 = quantize_model(m, weights="int4", grouping="fgq:4", calibration=x)
+    with pytest.raises(ValueError, match="ternary"):
+        add_residual_edges(q4, budget=0.1)
+
+
+def test_quantize_model_bad_arguments() -> None:
+    m, x, _ = _tiny_resnet()
+    with pytest.raises(ValueError, match="weights must be one of"):
+        quantize_model(m, weights="int9", calibration=x)
+    with pytest.raises(ValueError, match="layer 'layers.0.conv1'.*does not divide"):
+        quantize_model(m, grouping="fgq:5", calibration=x)
+    with pytest.raises(ValueError, match="unknown grouping"):
+        quantize_model(m, grouping="rows:4", calibration=x)
+    with pytest.raises(ValueError, match="calibration data is required"):
+        quantize_model(m, calibration=None)
+    with pytest.raises(ValueError, match="keep entry"):
+        quantize_model(m, calibration=x, keep=["nope"])
+
+
+def test_save_load_is_bit_identical_and_smaller(tmp_path: Path) -> None:
+    m, x, spec = _tiny_resnet()
+    for weights, grouping, sd in (("ternary", "fgq:4", torch.float32), ("int4", "cluster:2", torch.float16)):
+        q = quantize_model(m, weights=weights, grouping=grouping, calibration=x, model_spec=spec, scale_dtype=sd)
+        if weights == "ternary":
+            add_residual_edges(q, budget=0.3, max_terms=3)
+        y = q(x)
+        info = save_quantized(q, tmp_path / "q.lt", edges="all")
+        assert info["bytes"] == (tmp_path / "q.lt").stat().st_size < info["fp32_state_bytes"]
+        q2 = load_quantized(tmp_path / "q.lt")
+        assert torch.equal(q2(x), y)
+        assert torch.equal(q2.set_mode("integer")(x), q.set_mode("integer")(x))
+        q.set_mode("fake")
+        q2.set_mode("fake")
+        assert q2.edge_order == q.edge_order and q2.budget_edges == q.budget_edges
+        if q.edge_order:
+            q.set_residuals(0)
+            q2.set_residuals(0)
+            assert torch.equal(q2(x), q(x))
+        assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temporary file
+
+
+def test_load_rejects_truncated_and_malformed_files(tmp_path: Path) -> None:
+    m, x, spec = _tiny_resnet()
+    q = quantize_model(m, grouping="fgq:4", calibration=x, model_spec=spec)
+    path = tmp_path / "q.lt"
+    save_quantized(q, path)
+    raw = path.read_bytes()
+    cases = {
+        "truncated": raw[: len(raw) - 10],
+        "truncated: header": raw[:40],
+        "preamble": raw[:5],
+        "not a leantrain quantized model": b"XXXXXXXX" + raw[8:],
+        "corrupt": raw[:-1] + bytes([raw[-1] ^ 0xFF]),
+        "unexpected bytes": raw + b"\0",
+    }
+    for match, data in cases.items():
+        bad = tmp_path / "bad.lt"
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match=match):
+            load_quantized(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_quantized(tmp_path / "missing.lt")
+    with pytest.raises(ValueError, match="model_spec"):
+        save_quantized(quantize_model(m, calibration=x), tmp_path / "x.lt")
+
+
+def test_finetune_trains_shadow_weights_and_codes_follow() -> None:
+    from torch.utils.data import TensorDataset
+
+    m, x, _ = _tiny_resnet()
+    y = m(x).argmax(1)
+    q = quantize_model(m, grouping="fgq:32:partial", calibration=x)
+    name = "layers.0.conv1"
+    w0 = q.layer(name).weight.detach().clone()
+    finetune(q, TensorDataset(x, y), epochs=1, batch_size=8, lr=0.05)
+    layer = q.layer(name)
+    assert not torch.equal(layer.weight.detach(), w0)
+    codes, scales = ternarize(layer.weight.detach(), groups="fgq:32:partial")
+    out = q(x)
+    assert torch.equal(layer.term(0).codes, codes) and torch.equal(layer.term(0).scales, scales)
+    assert out.shape == (16, 5)
+
+
+def test_torch_int8_engine_tracks_fp32() -> None:
+    if not torch_int8_available():
+        pytest.skip("torch quantized engine not available")
+    torch.manual_seed(0)
+    m = LeNet(in_channels=1, num_classes=10).eval()
+    x = torch.randn(64, 1, 8, 8)
+    qm = to_torch_int8(m, x)
+    y, yq = m(x), qm(x)
+    assert (yq - y).norm() / y.norm() < 0.05
+
+
+def test_cli_quantize_end_to_end_on_a_fit_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from leantrain.cli import main
+    from leantrain.data import load_dataset
+    from leantrain.train import fit
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = LeNet(in_channels=1, num_classes=10, width=8)
+    ckpt = tmp_path / "lenet.pt"
+    fit(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), F.cross_entropy, data.train, epochs=2,
+        batch_size=64, checkpoint=ckpt, model_spec=model_spec("lenet", in_channels=1, num_classes=10, width=8),
+        eval_train=False)
+    out = tmp_path / "q.lt"
+    rc = main(["quantize", str(ckpt), "--weights", "ternary", "--group-size", "4", "--act-bits", "8", "--calibration",
+               "digits", "--residual-budget", "0.6", "--finetune-epochs", "1", "--out", str(out), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert out.is_file() and res["file_bytes"] == out.stat().st_size < res["fp32_state_bytes"]
+    assert set(res["accuracy"]) == {"converted", "with_residual_edges", "finetuned"}
+    q = load_quantized(out)
+    from leantrain.train import evaluate
+
+    assert evaluate(q, F.cross_entropy, data.test)["accuracy"] == pytest.approx(res["accuracy"]["finetuned"])
+    assert main(["quantize", str(ckpt), "--group-size", "0", "--calibration", "digits", "--out", str(out)]) == 2
+    assert main(["quantize", str(ckpt), "--group-size", "3", "--calibration", "digits", "--out", str(out)]) == 2
+    assert "does not divide" in capsys.readouterr().err
+    assert main(["quantize", str(ckpt), "--calibration", "synthimages", "--out", str(out)]) == 2
