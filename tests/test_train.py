@@ -114,18 +114,23 @@ def test_resume_after_max_steps_in_a_new_process(tmp_path, one_thread):
         code = script.replace("INIT", init).replace("MAX_STEPS", max_steps)
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
-    first = run("0", "5")
-    assert first.returncode == 0, first.stderr
-    assert load_torch(ckpt)["step"] == 5
-    second = run("99", "None")
-    assert second.returncode == 0, second.stderr
-
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 11, (40, 9), generator=g)
     ds = TensorDataset(x[:, :-1], x[:, 1:])
-    torch.manual_seed(0)
-    model = build(spec["name"], **spec["kwargs"])
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def make():
+        torch.manual_seed(0)
+        model = build(spec["name"], **spec["kwargs"])
+        return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+    model, opt = make()  # first part here, stopped by max_steps inside epoch 1 ...
+    fit(model, opt, sequence_cross_entropy, ds, epochs=2, batch_size=6, seed=3, eval_train=False, checkpoint=ckpt,
+        model_spec=spec, max_steps=5)
+    assert load_torch(ckpt)["step"] == 5
+    second = run("99", "None")  # ... the rest in a new process from the file
+    assert second.returncode == 0, second.stderr
+
+    model, opt = make()
     hist = fit(model, opt, sequence_cross_entropy, ds, epochs=2, batch_size=6, seed=3, eval_train=False)
     state = load_torch(ckpt)
     assert state["step"] == len(hist.step_loss) == 14
