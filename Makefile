@@ -7,7 +7,7 @@ STAMP := $(VENV)/.leantrain-installed
 export OMP_NUM_THREADS ?= 2
 export MPLBACKEND := Agg
 
-.PHONY: run test bench lint setup clean
+.PHONY: run test bench lint readme setup clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/leantrain bench all --json
+
+readme: $(STAMP)
+	$(BIN)/leantrain report --out results --readme README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

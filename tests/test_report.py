@@ -160,3 +160,56 @@ def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
     assert live.exists() and other.exists()
     write_text(tmp_path / "y.txt", "ok")
     assert (tmp_path / "y.txt").read_text() == "ok" and not list(tmp_path.glob(".y.txt.*"))
+
+
+README = """# Project
+
+intro text that must survive
+
+<!-- docs:start -->
+old docs
+<!-- docs:end -->
+
+## Claims
+
+<!-- claims:start -->
+stale table
+<!-- claims:end -->
+
+footer stays
+"""
+
+
+def test_readme_claims_table_regenerates_from_results(tmp_path, fake_experiments, capsys):
+    results = tmp_path / "results"
+    run_experiments(["zz-fake-pass", "zz-fake-fail"], "quick", results, progress=False)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "topic.md").write_text("# A topic guide\n\ntext\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    code = main(["report", "--out", str(results), "--readme", str(readme)])
+    assert code == 0
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nintro text that must survive\n") and text.endswith("footer stays\n")
+    assert "stale table" not in text and "old docs" not in text
+    assert "- [A topic guide](docs/topic.md)" in text
+    block = text[text.index("<!-- claims:start -->"):text.index("<!-- claims:end -->")]
+    rows = [line for line in block.splitlines() if line.startswith("| `zz-fake")]
+    assert len(rows) == 2
+    assert "| value is small | 0.3 | 0.25 | <= 0.3 | **FAIL** | quick |" in rows[0]  # zz-fake-fail sorts first
+    assert "1 of 2 checked claims hold" in block and "(results/report.md)" in block
+    again = readme.read_text()
+    main(["report", "--out", str(results), "--readme", str(readme)])
+    assert readme.read_text() == again  # idempotent
+    assert (results / "report.html").is_file()
+
+
+def test_readme_without_markers_or_results_is_a_clear_error(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    (tmp_path / "results").mkdir()
+    assert main(["report", "--out", str(tmp_path / "results"), "--readme", str(readme)]) == 2
+    assert "claims:start" in capsys.readouterr().err
+    assert readme.read_text() == "# no markers\n"
+    assert main(["report", "--out", str(tmp_path / "nothing-here")]) == 2
+    assert "does not exist" in capsys.readouterr().err

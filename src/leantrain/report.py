@@ -3,6 +3,11 @@
 :func:`write_report` reads ``DIR/<experiment>/metrics.json`` (written by
 :func:`leantrain.reproduce.run_experiments`) and writes ``DIR/report.md`` and ``DIR/report.html``
 atomically, so an interrupted run leaves the previous report intact.
+
+:func:`update_readme` rewrites two generated blocks of README.md in place (atomically): the
+table of reproduced claims between ``<!-- claims:start -->`` and ``<!-- claims:end -->``, and the
+list of topic guides (``docs/*.md``) between ``<!-- docs:start -->`` and ``<!-- docs:end -->``.
+Everything outside the markers is left byte for byte.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Any
 
 from leantrain.storage import remove_stale_temporaries, write_text
 
-__all__ = ["read_records", "write_report", "render_markdown", "render_html"]
+__all__ = ["read_records", "write_report", "render_markdown", "render_html", "render_claims_table", "render_docs_index",
+           "update_readme", "CLAIMS_MARKERS", "DOCS_MARKERS"]
 
 
 def read_records(out: str | Path) -> list[dict[str, Any]]:
@@ -154,3 +160,75 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     md = write_text(out / "report.md", render_markdown(records))
     ht = write_text(out / "report.html", render_html(records))
     return md, ht
+
+
+CLAIMS_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
+DOCS_MARKERS = ("<!-- docs:start -->", "<!-- docs:end -->")
+
+
+def render_claims_table(records: list[dict[str, Any]], *, report_link: str = "results/report.md") -> str:
+    """Markdown table with one row per checked claim: experiment, paper, claim, paper's figure, ours, verdict."""
+    rows = []
+    for r in records:
+        ax = r.get("arxiv", "")
+        paper = f"[{ax}](https://arxiv.org/abs/{ax})" if ax else ""
+        if r.get("status") != "complete":
+            rows.append([f"`{r['name']}`", paper, r.get("claim", ""), "", "run failed", "", "ERROR", r.get("profile", "")])
+            continue
+        for c in r.get("claims", []):
+            rows.append([f"`{r['name']}`", paper, c["text"], c["paper"], c["ours"], c["tolerance"],
+                         "pass" if c["passed"] else "**FAIL**", r.get("profile", "")])
+    if not rows:
+        return "_No results yet: run `make run` (or `leantrain reproduce --quick`), then `leantrain report --readme README.md`._"
+    n_pass = sum(row[6] == "pass" for row in rows)
+    head = (f"{n_pass} of {len(rows)} checked claims hold at our scale. Generated from `results/*/metrics.json` by "
+            f"`leantrain report --readme README.md`; details, plots and rerun commands in [{report_link}]({report_link}).")
+    return head + "\n\n" + _md_table(["experiment", "paper", "claim", "paper's figure", "ours", "tolerance", "verdict",
+                                        "profile"], rows)
+
+
+def render_docs_index(docs: str | Path) -> str:
+    """A Markdown list linking every ``docs/*.md`` with its first heading as the title."""
+    docs = Path(docs)
+    items = []
+    for path in sorted(docs.glob("*.md")):
+        title = path.stem
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("# "):
+                title = line[2:].strip()
+                break
+        items.append(f"- [{title}]({docs.name}/{path.name})")
+    return "\n".join(items) if items else "_No topic guides yet._"
+
+
+def _replace_block(text: str, markers: tuple[str, str], body: str, where: str) -> str:
+    start, end = markers
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < 0 or j < i:
+        raise ValueError(f"{where} must contain the markers {start} ... {end} (in that order)")
+    return text[: i + len(start)] + "\n" + body.strip() + "\n" + text[j:]
+
+
+def update_readme(readme: str | Path, results: str | Path, *, docs: str | Path | None = None) -> Path:
+    """Rewrite the claims block (from ``results``) and, when its markers are present, the docs block.
+
+    ``docs`` defaults to the ``docs`` folder beside the README. Raises ValueError naming the file
+    when it is missing or lacks the claims markers.
+    """
+    readme = Path(readme)
+    if not readme.is_file():
+        raise ValueError(f"README file {str(readme)!r} does not exist")
+    text = readme.read_text(encoding="utf-8")
+    results = Path(results)
+    try:
+        link = results.resolve().relative_to(readme.parent.resolve()).as_posix() + "/report.md"
+    except ValueError:
+        link = (results / "report.md").as_posix()
+    new = _replace_block(text, CLAIMS_MARKERS, render_claims_table(read_records(results), report_link=link),
+                         f"README file {str(readme)!r}")
+    if DOCS_MARKERS[0] in new:
+        new = _replace_block(new, DOCS_MARKERS, render_docs_index(docs or readme.parent / "docs"),
+                             f"README file {str(readme)!r}")
+    if new != text:
+        write_text(readme, new)
+    return readme

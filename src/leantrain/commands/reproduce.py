@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from leantrain.commands import add_common, emit, resolve_device
 
@@ -19,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list registered experiments and exit")
     p.add_argument("--resume", action="store_true", help="skip experiments whose results are complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--readme", default=None, metavar="PATH",
+                   help="also rewrite the claims table of this README (see `leantrain report`)")
     add_common(p, out="results")
     p.set_defaults(func=run)
 
@@ -37,9 +40,15 @@ def run(args: argparse.Namespace) -> int:
     from leantrain.reproduce import run_experiments
 
     device = resolve_device(args.device)
+    if args.readme and not Path(args.readme).is_file():
+        raise ValueError(f"--readme file {args.readme!r} does not exist")
     records = run_experiments(args.names, args.profile, args.out, seed=args.seed, device=device,
                               resume=args.resume, progress=not args.no_progress)
     md, ht = write_report(args.out)
+    if args.readme:
+        from leantrain.report import update_readme
+
+        update_readme(args.readme, args.out)
     summary = [{"name": r["name"], "status": r["status"], "passed": r.get("passed"),
                 "wall_time_s": r.get("wall_time_s")} for r in records]
     text = "\n".join(f"{s['name']:<26} {'ERROR' if s['status'] != 'complete' else ('PASS' if s['passed'] else 'FAIL'):<6}"
