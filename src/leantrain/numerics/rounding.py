@@ -175,6 +175,7 @@ def quantize(
     rounding: str = "nearest",
     *,
     generator: torch.Generator | None = None,
+    native: bool = True,
 ) -> torch.Tensor:
     """Round ``x`` to the values of ``fmt``; returns a new float32 tensor (same shape and device).
 
@@ -204,6 +205,11 @@ def quantize(
         fmt: target format.
         rounding: ``"nearest"``, ``"stochastic"`` or ``"truncate"``.
         generator: random source for ``"stochastic"`` (default: torch's global generator).
+        native: for BF16 and FP16 nearest (ieee, subnormals kept, no saturation) use torch's own conversion
+            ``x.to(bfloat16/float16).float()``, which implements the same rule in one fused pass, but only on
+            a device where a probe (every special class, subnormal boundaries, ties, random patterns) showed
+            it agrees bit for bit with the bit-level routine, and never while torch flushes denormals.
+            ``False`` always uses the bit-level routine.
     """
     _check_float(x)
     if not isinstance(fmt, FloatFormat):
@@ -211,6 +217,15 @@ def quantize(
     check_rounding(rounding)
     _check_generator(generator)
     xf = x.to(torch.float32).contiguous()
+    if native and rounding == "nearest":
+        dtype = _native_dtype(fmt, xf.device)
+        if dtype is not None:
+            return xf.to(dtype).to(torch.float32)
+    return _quantize_bits(xf, fmt, rounding, generator)
+
+
+def _quantize_bits(xf: torch.Tensor, fmt: FloatFormat, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
+    """The bit-level routine on a contiguous float32 tensor (arguments already checked)."""
     out = torch.empty_like(xf)
     n = xf.numel()
     if n == 0:
@@ -220,14 +235,61 @@ def quantize(
     xflat = xf.view(-1)
     # m = 0 excluded: the tie parity is then the hidden bit, which the raw pattern does not hold.
     fast = fmt.exp_bits == 8 and fmt.man_bits > 0 and fmt.subnormals and not fmt.saturating
+    if fast:
+        block = _quantize_block_e8
+    elif rounding == "nearest" and not (fmt.exp_bits == 8 and fmt.man_bits == 0 and fmt.subnormals):
+        # (e=8, m=0 with subnormals would need fp32-subnormal arithmetic in the FPU trick: general block.)
+        block = _NearestBlock(fmt)
+    else:
+        block = _quantize_block
     for start, stop in _blocks(n, xf.device):
-        if fast:
-            _quantize_block_e8(src[start:stop], dst[start:stop], fmt, rounding, generator)
-        else:
-            _quantize_block(src[start:stop], dst[start:stop], fmt, rounding, generator)
+        block(src[start:stop], dst[start:stop], fmt, rounding, generator)
         nan = torch.isnan(xflat[start:stop])
         dst[start:stop].masked_fill_(nan, _NAN)
     return out
+
+
+
+_NATIVE_TYPES = {(8, 7): torch.bfloat16, (5, 10): torch.float16}
+_native_ok: dict[tuple[torch.dtype, str], bool] = {}
+
+
+def _denormals_flushed(device: torch.device) -> bool:
+    # torch.set_flush_denormal(True) (CPU only) would make the native conversion flush subnormal inputs.
+    return device.type == "cpu" and bool(torch.tensor(2.0**-140) * 2.0 == 0)
+
+
+def _native_probe(dtype: torch.dtype, fmt: FloatFormat, device: torch.device) -> bool:
+    """Does torch's cast to ``dtype`` agree bit for bit with the bit-level routine on this device?"""
+    gen = torch.Generator().manual_seed(12345)
+    rand = torch.randint(-(2**31), 2**31, (1 << 16,), generator=gen, dtype=torch.int64).to(torch.int32)
+    special = [0, _INF, _NAN, 0x7F800001, 0x7FFFFFFF, 0x7F7FFFFF, 1, 0x007FFFFF, 0x00800000]
+    for v in (fmt.max_normal, fmt.min_normal, fmt.min_subnormal, 1.0):
+        for scale in (0.25, 0.5, 0.75, 1.0, 1.5, 1.0 + fmt.epsilon / 2, 1.0 + 1.5 * fmt.epsilon):
+            special.append(float32_bits(min(v * scale, 3.4028234663852886e38)))
+    base = torch.tensor(special, dtype=torch.int64)
+    near = torch.cat([base - 1, base, base + 1]).clamp_(0, _ABS).to(torch.int32)
+    step = torch.arange(0, 1 << 24, 1 << 24 >> 12, dtype=torch.int32)  # low bits sweep: ties in every subnormal binade
+    bits = torch.cat([rand, near, step, step + 0x00400000])
+    bits = torch.cat([bits, bits | _SIGN]).to(device)
+    x = bits.view(torch.float32)
+    a = x.to(dtype).to(torch.float32)
+    b = _quantize_bits(x, fmt, "nearest", None)
+    same = (a.view(torch.int32) == b.view(torch.int32)) | (torch.isnan(a) & torch.isnan(b))
+    return bool(same.all())
+
+
+def _native_dtype(fmt: FloatFormat, device: torch.device) -> torch.dtype | None:
+    """torch's dtype for ``fmt`` if its nearest-even cast can stand in for the bit-level routine here, else None."""
+    dtype = _NATIVE_TYPES.get((fmt.exp_bits, fmt.man_bits))
+    if dtype is None or not fmt.subnormals or fmt.saturating or fmt.special != "ieee":
+        return None
+    if _denormals_flushed(device):
+        return None
+    key = (dtype, str(device))
+    if key not in _native_ok:
+        _native_ok[key] = _native_probe(dtype, fmt, device)
+    return dtype if _native_ok[key] else None
 
 
 def _quantize_block_e8(u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:
@@ -237,6 +299,59 @@ def _quantize_block_e8(u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, round
     carries into exponent 255 = inf and inf stays inf; the sign bit is above every carry. NaN is fixed by the caller.
     """
     round_low_bits(u, 23 - fmt.man_bits, rounding, out=o, generator=gen)
+
+
+class _NearestBlock:
+    """Round to nearest even for any format, with fewer passes than the general block (the common case).
+
+    Normals: one constant-shift rounding of the magnitude bits (parity from the pattern; for m = 0 the
+    significand is always odd). Below min_normal the step is the constant q = 2^(emin - m), and the FPU's
+    own round-to-nearest-even does it exactly: ``(|x| + C) - C`` with ``C = 2^(emin - m + 23)`` (ulp(C) = q,
+    and |x| + C stays in C's binade). Overflow is decided on the input: a magnitude rounds above max iff
+    it is >= ``threshold`` (max + half a step, or one more when that tie goes down to an even max).
+    """
+
+    def __init__(self, fmt: FloatFormat) -> None:
+        m = fmt.man_bits
+        self.d = d = 23 - m
+        self.mask = (1 << d) - 1
+        max_bits = float32_bits(fmt.max_normal)
+        if d == 0:
+            self.threshold = max_bits + 1
+        else:
+            tie_up = m == 0 or (max_bits >> d) & 1
+            self.threshold = max_bits + (1 << (d - 1)) + (0 if tie_up else 1)
+        self.min_normal_bits = float32_bits(fmt.min_normal)
+        self.magic = 2.0 ** (fmt.emin - m + 23)
+        # e = 8 with m >= 1: the raw pattern already rounds fp32 subnormals right (see _quantize_block_e8).
+        self.sub = fmt.subnormals and (fmt.exp_bits < 8 or m == 0)
+        self.flush = not fmt.subnormals
+        self.over_value = max_bits if fmt.saturating else _INF if fmt.special == "ieee" else _NAN
+        self.m0 = m == 0
+
+    def __call__(self, u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:
+        a = torch.bitwise_and(u, _ABS)
+        if self.d:
+            if self.m0:
+                torch.add(a, 1 << (self.d - 1), out=o)
+            else:
+                torch.bitwise_right_shift(a, self.d, out=o)
+                o &= 1
+                o += a
+                o += self.mask >> 1
+            o &= ~self.mask
+        else:
+            o.copy_(a)
+        if self.sub or self.flush:
+            small = a < self.min_normal_bits
+            if self.sub:
+                f = a.view(torch.float32) + self.magic
+                f -= self.magic
+                torch.where(small, f.view(torch.int32), o, out=o)
+            else:
+                o.masked_fill_(small, 0)
+        o.masked_fill_(a >= self.threshold, self.over_value)
+        o |= u & _SIGN
 
 
 def _quantize_block(u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:
