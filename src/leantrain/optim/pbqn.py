@@ -1,0 +1,481 @@
+r"""PBQN: progressive-batching L-BFGS (Bollapragada, Nocedal, Mudigere, Shi, Tang; arXiv:1802.05374).
+
+L-BFGS on a sample ``S_k`` that grows whenever the quasi-Newton direction computed from it is
+too noisy to trust. One iteration, on the batch ``S_k = [O_{k-1} | N_k | O_k]`` that
+:class:`~leantrain.optim.ProgressiveSampler` generates:
+
+1. **Gradients.** ``g_k = grad F_{S_k}(x_k)`` and exact per-sample gradients ``grad F_i(x_k)`` on
+   the variance subset ``V_k`` (all of ``S_k`` up to ``variance_samples`` rows, else evenly spaced
+   rows of the randomly ordered batch) by ``torch.func.vmap(grad)``. The rows of ``V_k`` enter
+   ``g_k`` through their per-sample gradients, so every sample is evaluated once.
+2. **Curvature pair of the previous step** (multi-batch, MB): ``y_{k-1} = grad F_{O_{k-1}}(x_k) -
+   grad F_{O_{k-1}}(x_{k-1})`` on the overlap the two batches share (no extra gradient); when both
+   batches are the whole data set, ``y_{k-1} = g_k - g_{k-1}``. Full overlap (FO) instead pays one
+   extra gradient on ``S_k`` at ``x_{k+1}``: ``y_k = grad F_{S_k}(x_{k+1}) - g_k``.
+   A pair is stored only if ``y^T s > eps ||s||^2`` (skip rule), or, with ``update="powell"``,
+   after Powell damping ``y <- t y + (1-t) B s`` with ``t = 0.8 s^T B s / (s^T B s - s^T y)``
+   whenever ``s^T y < 0.2 s^T B s``, where ``B_k s_k = -alpha_k g_k`` exactly (``s_k = -alpha_k H_k g_k``).
+   Both keep ``H`` positive definite. Skips and dampings are counted.
+3. **Direction** ``p_k = -H_k g_k`` by the two-loop recursion (:func:`two_loop`), ``H^0 = (s^T y / y^T y) I``
+   from the newest pair (``I`` with an empty memory).
+4. **Sample-size test** (inner-product quasi-Newton test), with ``q_i = grad F_i(x_k)^T H_k g_k``:
+
+       fpc * Var_{i in V_k}(q_i) / |S_k|  <=  theta^2 (g_k^T H_k g_k)^2,
+
+   ``Var`` the sample variance (denominator ``|V_k| - 1``) and ``fpc = (n - |S_k|) / (n - 1)`` the
+   finite-population correction of sampling without replacement from ``n`` samples (so the full
+   data set, whose gradient is exact, always passes). With ``test="augmented"`` the
+   orthogonality test in the ``H_k`` metric is added: with ``u_i = grad F_i - (q_i / g^T H g) g``,
+   ``fpc * Var_H(u_i) / |S_k| <= nu^2 g^T H g`` where ``Var_H`` is the sample covariance contracted
+   with ``H_k``. When a test fails the sampler is grown to the size that would pass it,
+   ``b_hat = ceil(n Var / ((n - 1) rhs + Var))`` (``ceil(Var / rhs)`` without the correction),
+   never shrinking and capped at ``n``. *Our choice* (the paper's exact control flow was not
+   recovered): the larger sample is used from the **next** batch on, so the method works
+   with any ``DataLoader``; the current step is still taken, guarded by the line search.
+5. **Initial steplength** (the paper's variance-based trial step; form unconfirmed):
+   ``alpha_k^0 = lr / (1 + fpc * Var_vec / (|S_k| ||g_k||^2))``, ``Var_vec`` the sum over coordinates
+   of the per-sample gradient variances.
+6. **Stochastic Armijo backtracking** on the same sample: accept the first
+   ``alpha = alpha_0 tau^j`` (``j <= max_backtracks``) with ``F_S(x + alpha p) <= F_S(x) + c1 alpha g^T p``.
+   If none is accepted the iterate is left unchanged and the memory is cleared.
+
+Example, the whole loop::
+
+    import functools, torch
+    from torch.utils.data import DataLoader
+    from leantrain.optim import PBQN, BatchLoss, ProgressiveSampler
+
+    loss_fn = functools.partial(torch.nn.functional.cross_entropy, reduction="none")
+    sampler = ProgressiveSampler(len(train), batch_size=64, overlap=0.25, seed=0)
+    loader = DataLoader(train, batch_sampler=sampler)          # batches [O_{k-1} | N_k | O_k]
+    opt = PBQN(model.parameters(), sampler)                      # resizes `sampler` when the test fails
+    for step, (x, y) in zip(range(200), loader):
+        loss = opt.step(BatchLoss(model, loss_fn, x, y, l2=1e-4))
+        print(step, sampler.batch_size, float(loss), opt.log[-1]["alpha"])
+
+Everything the method keeps (memory, pending pair, counters) lives in ``self.state`` and goes
+through ``state_dict()``/``load_state_dict()``, together with the sampler's state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch.optim import Optimizer
+
+from leantrain.optim.objective import BatchLoss, add_flat_, flatten
+from leantrain.optim.sampler import ProgressiveSampler, overlap_size
+
+__all__ = ["PBQN", "two_loop", "powell_damping", "SampleTest", "inner_product_test", "orthogonality_test",
+           "initial_steplength", "finite_population_correction"]
+
+
+def two_loop(vectors: torch.Tensor, s_list: list[torch.Tensor], y_list: list[torch.Tensor], gamma: float) -> torch.Tensor:
+    """L-BFGS two-loop recursion: ``H v`` for ``v`` of shape ``[D]`` or a batch ``[B, D]``.
+
+    ``H`` is the BFGS inverse-Hessian approximation obtained from ``H^0 = gamma I`` by the updates
+    ``H <- (I - rho s y^T) H (I - rho y s^T) + rho s s^T`` (``rho = 1 / y^T s``) with the pairs in
+    order oldest to newest.
+    """
+    q = vectors.clone()
+    batched = q.dim() == 2
+    alphas = []
+    for s, y in zip(reversed(s_list), reversed(y_list)):
+        rho = 1.0 / torch.dot(y, s)
+        a = rho * (q @ s)
+        q = q - (a[:, None] * y if batched else a * y)
+        alphas.append((a, rho))
+    r = gamma * q
+    for (s, y), (a, rho) in zip(zip(s_list, y_list), reversed(alphas)):
+        beta = rho * (r @ y)
+        r = r + ((a - beta)[:, None] * s if batched else (a - beta) * s)
+    return r
+
+
+def powell_damping(s: torch.Tensor, y: torch.Tensor, bs: torch.Tensor, threshold: float = 0.2) -> tuple[torch.Tensor, float]:
+    """Powell's damping: returns ``(y_damped, t)``.
+
+    If ``s^T y >= threshold * s^T B s`` the pair is kept (``t = 1``); otherwise
+    ``y <- t y + (1 - t) B s`` with ``t = (1 - threshold) s^T B s / (s^T B s - s^T y)``, which makes
+    ``s^T y_damped = threshold * s^T B s > 0`` (for ``B`` positive definite), so the BFGS update stays
+    positive definite. ``bs`` is ``B s``.
+    """
+    sbs = float(torch.dot(s, bs))
+    sy = float(torch.dot(s, y))
+    if sbs <= 0.0:
+        raise ValueError("powell_damping needs s^T B s > 0 (B positive definite, s != 0)")
+    if sy >= threshold * sbs:
+        return y, 1.0
+    t = (1.0 - threshold) * sbs / (sbs - sy)
+    return t * y + (1.0 - t) * bs, t
+
+
+class SampleTest(NamedTuple):
+    """Outcome of a sample-size test: ``lhs <= rhs`` passes; ``b_hat`` the size that would pass."""
+
+    passed: bool
+    lhs: float
+    rhs: float
+    b_hat: int
+
+
+def finite_population_correction(batch_size: int, num_samples: int | None) -> float:
+    """``(n - b) / (n - 1)``: the variance factor of a mean of ``b`` draws without replacement
+    from ``n`` (1 for an infinite population ``n=None``, 0 when ``b = n``)."""
+    if num_samples is None:
+        return 1.0
+    if num_samples <= 1:
+        return 0.0
+    return max(0.0, (num_samples - batch_size) / (num_samples - 1))
+
+
+def _required_size(var: float, rhs: float, num_samples: int | None) -> int:
+    if var <= 0.0:
+        return 1
+    if num_samples is None:
+        return math.ceil(var / rhs) if rhs > 0 else 2**62
+    return min(num_samples, math.ceil(num_samples * var / ((num_samples - 1) * rhs + var)))
+
+
+def inner_product_test(dots: torch.Tensor, ghg: float, batch_size: int, num_samples: int | None,
+                       theta: float) -> SampleTest:
+    """PBQN's inner-product quasi-Newton test on ``dots = [grad F_i^T H g]_{i in V}`` (see module doc)."""
+    var = float(dots.var(unbiased=True)) if dots.numel() > 1 else 0.0
+    lhs = finite_population_correction(batch_size, num_samples) * var / batch_size
+    rhs = theta**2 * max(ghg, 0.0) ** 2
+    return SampleTest(lhs <= rhs, lhs, rhs, _required_size(var, rhs, num_samples))
+
+
+def orthogonality_test(grads: torch.Tensor, dots: torch.Tensor, g: torch.Tensor, ghg: float, apply_h,
+                       batch_size: int, num_samples: int | None, nu: float) -> SampleTest:
+    """The orthogonality part of the augmented test, in the ``H`` metric (see module doc).
+
+    ``grads`` are the per-sample gradients ``[v, D]``, ``apply_h`` maps ``[v, D] -> H [v, D]``.
+    """
+    v = grads.shape[0]
+    if v < 2:
+        var = 0.0
+    else:
+        gg = float(g.dot(apply_h(g[None, :])[0]))
+        u = grads - (dots / gg)[:, None] * g[None, :] if gg > 0 else grads
+        u = u - u.mean(0, keepdim=True)
+        var = float((u * apply_h(u)).sum() / (v - 1))
+    lhs = finite_population_correction(batch_size, num_samples) * var / batch_size
+    rhs = nu**2 * max(ghg, 0.0)
+    return SampleTest(lhs <= rhs, lhs, rhs, _required_size(var, rhs, num_samples))
+
+
+def initial_steplength(grads: torch.Tensor, g: torch.Tensor, batch_size: int, num_samples: int | None) -> float:
+    """``1 / (1 + fpc * Var_vec / (|S| ||g||^2))``: ``Var_vec`` = sum of per-coordinate sample variances
+    of the per-sample gradients ``grads`` (``[v, D]``, denominator ``v - 1``)."""
+    g2 = float(g.dot(g))
+    if grads.shape[0] < 2:
+        return 1.0
+    var = float(grads.var(dim=0, unbiased=True).sum())
+    if g2 == 0.0:
+        return 1.0 if var == 0.0 else 0.0
+    return 1.0 / (1.0 + finite_population_correction(batch_size, num_samples) * var / (batch_size * g2))
+
+
+_COUNTERS = ("iterations", "pairs_stored", "pairs_skipped", "pairs_damped", "backtracks", "alpha0_accepted",
+             "line_search_failures", "test_failures", "memory_resets")
+
+
+class PBQN(Optimizer):
+    """Progressive-batching L-BFGS (see the module docstring for the algorithm and the loop).
+
+    Args:
+        params: parameters to optimize (one group).
+        sampler: the :class:`ProgressiveSampler` producing the batches; PBQN grows it.
+        lr: scale of the initial trial steplength (1.0 is the paper's rule).
+        history_size: L-BFGS memory ``m`` (>= 1; default 10).
+        theta: inner-product test parameter (> 0; default 0.9).
+        test: ``"inner"`` or ``"augmented"`` (adds the orthogonality test with ``nu``).
+        nu: orthogonality test parameter (> 0; default tan(80 deg) = 5.67).
+        curvature: ``"multi-batch"`` (pairs on the overlap; needs ``sampler.overlap > 0``) or
+            ``"full-overlap"`` (one extra gradient per iteration).
+        update: ``"skip"`` (store a pair only if ``y^T s > eps ||s||^2``) or ``"powell"`` (damping).
+        eps: curvature threshold of the skip rule (default 1e-2).
+        c1, tau, max_backtracks: Armijo constant (1e-4), backtracking factor (0.5), at most 10 backtracks.
+        variance_samples: cap on ``|V_k|``, the rows with per-sample gradients (>= 2; default 512).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], sampler: ProgressiveSampler, *, lr: float = 1.0,
+                 history_size: int = 10, theta: float = 0.9, test: str = "inner", nu: float = 5.67,
+                 curvature: str = "multi-batch", update: str = "skip", eps: float = 1e-8, c1: float = 1e-4,
+                 tau: float = 0.5, max_backtracks: int = 10, variance_samples: int = 512, debias: bool = True,
+                 max_growth: float | None = None) -> None:
+        if not isinstance(sampler, ProgressiveSampler):
+            raise TypeError(f"sampler must be a ProgressiveSampler, got {type(sampler).__name__}")
+        if int(history_size) != history_size or history_size < 1:
+            raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
+        if not theta > 0:
+            raise ValueError(f"theta must be > 0, got {theta}")
+        if not nu > 0:
+            raise ValueError(f"nu must be > 0, got {nu}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if test not in ("inner", "augmented"):
+            raise ValueError(f"test must be 'inner' or 'augmented', got {test!r}")
+        if curvature not in ("multi-batch", "full-overlap"):
+            raise ValueError(f"curvature must be 'multi-batch' or 'full-overlap', got {curvature!r}")
+        if curvature == "multi-batch" and sampler.overlap <= 0:
+            raise ValueError("curvature='multi-batch' needs a sampler with overlap > 0 (e.g. 0.25)")
+        if update not in ("skip", "powell"):
+            raise ValueError(f"update must be 'skip' or 'powell', got {update!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not 0 < c1 < 1 or not 0 < tau < 1:
+            raise ValueError(f"need 0 < c1 < 1 and 0 < tau < 1, got c1={c1}, tau={tau}")
+        if max_backtracks < 0:
+            raise ValueError(f"max_backtracks must be >= 0, got {max_backtracks}")
+        if variance_samples < 2:
+            raise ValueError(f"variance_samples must be >= 2, got {variance_samples}")
+        defaults = dict(lr=lr, history_size=int(history_size), theta=theta, test=test, nu=nu, curvature=curvature,
+                        update=update, eps=eps, c1=c1, tau=tau, max_backtracks=int(max_backtracks),
+                        variance_samples=int(variance_samples), debias=bool(debias), max_growth=max_growth)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("PBQN supports a single parameter group (like torch.optim.LBFGS)")
+        self._params: list[torch.Tensor] = self.param_groups[0]["params"]
+        self.sampler = sampler
+        self.log: list[dict[str, Any]] = []
+        st = self._state
+        st.setdefault("s", [])
+        st.setdefault("y", [])
+        for name in _COUNTERS:
+            st.setdefault(name, 0)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def _state(self) -> dict[str, Any]:
+        return self.state[self._params[0]]
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Iterations, stored/skipped/damped pairs, backtracks, test failures, ..."""
+        return {k: int(self._state[k]) for k in _COUNTERS}
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["sampler"] = self.sampler.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        sampler_state = state_dict.pop("sampler", None)
+        super().load_state_dict(state_dict)
+        if sampler_state is not None:
+            self.sampler.load_state_dict(sampler_state)
+
+    def memory(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The stored curvature pairs ``(s_list, y_list)``, oldest first."""
+        return list(self._state["s"]), list(self._state["y"])
+
+    def _gamma(self) -> float:
+        s, y = self._state["s"], self._state["y"]
+        if not s:
+            return 1.0
+        return float(torch.dot(s[-1], y[-1]) / torch.dot(y[-1], y[-1]))
+
+    def _apply_h(self, v: torch.Tensor) -> torch.Tensor:
+        return two_loop(v, self._state["s"], self._state["y"], self._gamma())
+
+    def _clear_memory(self) -> None:
+        st = self._state
+        st["s"], st["y"] = [], []
+        st["memory_resets"] += 1
+
+    def _store_pair(self, s: torch.Tensor, y: torch.Tensor, bs: torch.Tensor) -> str:
+        group, st = self.param_groups[0], self._state
+        if group["update"] == "powell":
+            y, t = powell_damping(s, y, bs)
+            status = "damped" if t < 1.0 else "stored"
+            if t < 1.0:
+                st["pairs_damped"] += 1
+        else:
+            if not float(torch.dot(y, s)) > group["eps"] * float(torch.dot(s, s)):
+                st["pairs_skipped"] += 1
+                return "skipped"
+            status = "stored"
+        st["s"] = (st["s"] + [s])[-group["history_size"]:]
+        st["y"] = (st["y"] + [y])[-group["history_size"]:]
+        st["pairs_stored"] += 1
+        return status
+
+    # -- one iteration -----------------------------------------------------------------------
+    def _gradients(self, closure: BatchLoss, a: int, c: int, vmax: int):
+        """Loss, full gradient, overlap-part gradients and per-sample gradients on V.
+
+        On the whole data set (``b = n``) no per-sample gradients are needed: the gradient is
+        exact, the test passes and the trial step is 1 (``fpc = 0``).
+        """
+        params = self._params
+        b = len(closure)
+        if b == self.sampler.num_samples:
+            v_rows = torch.zeros(0, dtype=torch.long)
+        else:
+            v_rows = torch.arange(b) if b <= vmax else torch.linspace(0, b - 1, vmax).round().long().unique()
+        in_v = torch.zeros(b, dtype=torch.bool)
+        in_v[v_rows] = True
+        if len(v_rows):
+            losses_v, grads_v = closure.per_sample_gradients(params, v_rows)
+        else:
+            p0 = params[0]
+            d = sum(p.numel() for p in params)
+            losses_v, grads_v = p0.new_zeros(0), p0.new_zeros(0, d)
+        parts = {"A": (0, a), "B": (a, b - c), "C": (b - c, b)}
+        sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        pos = torch.full((b,), -1, dtype=torch.long)
+        pos[v_rows] = torch.arange(len(v_rows))
+        for name, (lo, hi) in parts.items():
+            if hi <= lo:
+                continue
+            rows = torch.arange(lo, hi)
+            mine = rows[in_v[rows]]
+            loss_sum = losses_v[pos[mine]].sum()
+            g_sum = grads_v[pos[mine]].sum(0)
+            rest = rows[~in_v[rows]]
+            if len(rest):
+                l_rest, g_rest = closure.gradient(params, rest, reduction="sum")
+                loss_sum, g_sum = loss_sum + l_rest, g_sum + g_rest
+            sums[name] = (loss_sum.detach(), g_sum.detach())
+        loss = sum(s[0] for s in sums.values()) / b
+        g = sum(s[1] for s in sums.values()) / b
+        return loss, g, sums, grads_v.detach()
+
+    @torch.no_grad()
+    def step(self, closure: BatchLoss) -> torch.Tensor:  # type: ignore[override]
+        """One PBQN iteration on the batch ``closure`` (a :class:`BatchLoss` on the sampler's batch).
+
+        Returns ``F_{S_k}(x_k)``; the iteration's details are appended to :attr:`log`.
+        """
+        if not isinstance(closure, BatchLoss):
+            raise TypeError("PBQN.step needs a BatchLoss (per-sample gradients and sub-batch evaluations)")
+        group, st = self.param_groups[0], self._state
+        params = self._params
+        n = self.sampler.num_samples
+        b = len(closure)
+        if b > n:
+            raise ValueError(f"batch of {b} samples is larger than the sampler's data set ({n})")
+        mb = group["curvature"] == "multi-batch"
+        a = st.get("carry_size", 0) if mb else 0
+        c = overlap_size(b, self.sampler.overlap) if mb else 0
+        if a + c > b:
+            raise ValueError(f"batch of {b} samples cannot hold the carried overlap ({a}) and the next one ({c}); "
+                             "feed PBQN the batches of its ProgressiveSampler, in order")
+        cache = st.pop("full_cache", None)
+        pending = st.pop("pending", None)
+        if (b == n and cache is not None and (not mb or (pending is not None and pending["full"] is not None))
+                and torch.equal(cache["w"], flatten([q.detach() for q in params]))):
+            # the accepted trial point of the last iteration was evaluated on the whole data set
+            loss, g, sums = cache["loss"], cache["g"], {}
+            grads_v = g.new_zeros(0, g.numel())
+        else:
+            with torch.enable_grad():
+                loss, g, sums, grads_v = self._gradients(closure, a, c, group["variance_samples"])
+        rec: dict[str, Any] = {"iteration": st["iterations"], "batch_size": b, "loss": float(loss),
+                               "grad_norm": float(g.norm()), "pair": None}
+
+        # curvature pair of the previous step (multi-batch)
+        if mb and pending is not None:
+            if pending["full"] is not None and b == n:
+                y = g - pending["full"]
+            elif a > 0 and pending["overlap_grad"] is not None:
+                y = sums["A"][1] / a - pending["overlap_grad"]
+            else:
+                y = None
+            if y is not None:
+                rec["pair"] = self._store_pair(pending["s"], y, pending["bs"])
+
+        # direction
+        hg = self._apply_h(g)
+        ghg = float(g.dot(hg))
+        if not (ghg > 0.0 and math.isfinite(ghg)):
+            if st["s"]:
+                self._clear_memory()
+            hg = g.clone()
+            ghg = float(g.dot(g))
+        p = -hg
+
+        # sample-size test
+        dots = grads_v @ hg
+        ghg_test = ghg
+        if group["debias"] and grads_v.shape[0] > 1:
+            centered = grads_v - grads_v.mean(0, keepdim=True)
+            noise = float((centered * self._apply_h(centered)).sum()) / (grads_v.shape[0] - 1)
+            ghg_test = ghg - finite_population_correction(b, n) * noise / b
+            rec["ghg_noise"] = ghg - ghg_test
+        test = inner_product_test(dots, ghg_test, b, n, group["theta"])
+        b_hat = test.b_hat if not test.passed else b
+        passed = test.passed
+        if group["test"] == "augmented":
+            orth = orthogonality_test(grads_v, dots, g, ghg_test, self._apply_h, b, n, group["nu"])
+            passed = passed and orth.passed
+            if not orth.passed:
+                b_hat = max(b_hat, orth.b_hat)
+            rec.update(orth_lhs=orth.lhs, orth_rhs=orth.rhs)
+        rec.update(test_lhs=test.lhs, test_rhs=test.rhs, test_passed=passed)
+        if not passed:
+            st["test_failures"] += 1
+            if group["max_growth"] is not None:
+                b_hat = min(b_hat, math.ceil(group["max_growth"] * b))
+            self.sampler.grow_to(b_hat)
+        rec["next_batch_size"] = self.sampler.batch_size
+
+        # initial steplength and Armijo backtracking on the same sample
+        alpha0 = group["lr"] * initial_steplength(grads_v, g, b, n)
+        gtp = -ghg
+        alpha, accepted, backtracks = alpha0, False, 0
+        f0 = float(loss)
+        x0 = [q.detach().clone() for q in params]
+        g_trial = None
+        for j in range(group["max_backtracks"] + 1):
+            add_flat_(params, p, alpha)
+            if b == n:  # on the whole data set the trial's gradient is the next iteration's gradient
+                with torch.enable_grad():
+                    f_t, g_trial = closure.gradient(params)
+                f_trial = float(f_t)
+            else:
+                f_trial = float(closure.value())
+            if math.isfinite(f_trial) and f_trial <= f0 + group["c1"] * alpha * gtp:
+                accepted, backtracks = True, j
+                break
+            for q, q0 in zip(params, x0):
+                q.copy_(q0)
+            if j < group["max_backtracks"]:
+                alpha *= group["tau"]
+            backtracks = j + 1
+        st["backtracks"] += backtracks if accepted else group["max_backtracks"]
+        rec.update(alpha0=alpha0, alpha=alpha if accepted else 0.0, backtracks=backtracks, accepted=accepted)
+
+        s = alpha * p
+        bs = -alpha * g  # B_k s_k, since s_k = -alpha H_k g_k and B_k = H_k^{-1}
+        if accepted:
+            if backtracks == 0:
+                st["alpha0_accepted"] += 1
+            if g_trial is not None:
+                st["full_cache"] = {"w": flatten([q.detach() for q in params]), "loss": f_t.detach(), "g": g_trial}
+            if mb:
+                st["pending"] = {"s": s, "bs": bs, "overlap_grad": sums["C"][1] / c if c and "C" in sums else None,
+                                 "full": g if b == n else None}
+            else:
+                if g_trial is None:
+                    with torch.enable_grad():
+                        _, g_trial = closure.gradient(params)
+                rec["pair"] = self._store_pair(s, g_trial - g, bs)
+        else:
+            st["line_search_failures"] += 1
+            self._clear_memory()
+        st["carry_size"] = c
+        st["iterations"] += 1
+        rec["memory"] = len(st["s"])
+        self.log.append(rec)
+        return loss
+
+    def flat_params(self) -> torch.Tensor:
+        """The current iterate as one flat vector."""
+        return flatten([p.detach() for p in self._params])

@@ -1,0 +1,359 @@
+"""Run PBQN, DANCE and the baselines on a :class:`~leantrain.optim.problems.Problem` with one accounting.
+
+Every runner returns a :class:`Trace`: one record per iteration (or per logging interval) with
+``passes`` (effective passes over the training data, see :mod:`leantrain.optim.objective`),
+``objective`` and ``grad_norm`` of the full training objective, ``test_accuracy``, ``wall_time``
+(seconds of optimization, the logging evaluations excluded) and method-specific fields
+(PBQN ``batch_size``; DANCE ``stage``, ``n``, ``cg_iterations``, communication counts).
+
+Baselines:
+
+- ``sgd``: plain minibatch SGD (batch 32 by default) with a step from a small grid
+  (:func:`tune_sgd` keeps the step with the lowest final training objective);
+- ``adam``: ``torch.optim.Adam`` (lr 1e-3, batch 32);
+- ``lbfgs``: ``torch.optim.LBFGS`` on the full batch with the strong-Wolfe line search, memory 10;
+  each objective+gradient evaluation at a new point counts one pass (re-evaluations at an
+  unchanged point are served from a cache and not counted);
+- ``newton-cg``: DANCE's damped Newton-CG run on the full data from the start (``m_0 = N``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leantrain.optim.dance import DANCE, shard_rows
+from leantrain.optim.objective import WorkCounter, flatten
+from leantrain.optim.pbqn import PBQN
+from leantrain.optim.problems import Problem, make_problem
+from leantrain.optim.sampler import ProgressiveSampler
+
+__all__ = ["Trace", "run_pbqn", "run_dance", "run_newton_cg", "run_sgd", "run_adam", "tune_sgd", "run_lbfgs",
+           "run_method", "run_dance_distributed", "METHODS", "SGD_GRID"]
+
+METHODS = ("pbqn", "dance", "sgd", "adam", "lbfgs", "newton-cg")
+SGD_GRID = (0.01, 0.1, 1.0)
+Stop = Callable[[dict[str, Any]], bool]
+
+
+@dataclass
+class Trace:
+    """The history of one run (see the module docstring)."""
+
+    method: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, list] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    iterates: list[torch.Tensor] | None = None
+
+    def series(self, key: str) -> list[float]:
+        return [r[key] for r in self.records if key in r]
+
+    def final(self, key: str) -> float:
+        return self.series(key)[-1]
+
+    def passes_to(self, threshold: float, key: str = "objective") -> float | None:
+        """Passes at the first record with ``record[key] <= threshold`` (None if never)."""
+        for r in self.records:
+            if r[key] <= threshold:
+                return r["passes"]
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("iterates")
+        return d
+
+
+class _Recorder:
+    """Appends evaluated records to a trace while keeping the evaluation time off the clock."""
+
+    def __init__(self, problem: Problem, trace: Trace, stop: Stop | None) -> None:
+        self.problem, self.trace, self.stop = problem, trace, stop
+        self.elapsed = 0.0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, passes: float, **extra: Any) -> bool:
+        """Record the current iterate; returns True when ``stop`` says the run may end."""
+        self.elapsed += time.perf_counter() - self.t0
+        rec = {"passes": passes, **self.problem.evaluate(), "wall_time": self.elapsed, **extra}
+        self.trace.records.append(rec)
+        done = bool(self.stop(rec)) if self.stop is not None else False
+        self.t0 = time.perf_counter()
+        return done
+
+
+def run_pbqn(problem: Problem, *, max_passes: float = 20.0, max_iterations: int = 100_000, batch_size: int = 64,
+             overlap: float = 0.25, seed: int = 0, stop: Stop | None = None, **options: Any) -> Trace:
+    """PBQN from the problem's current weights; ``options`` go to :class:`PBQN` (``curvature``,
+    ``update``, ``test``, ``theta``, ...). Full-overlap pairs use a sampler without overlap."""
+    counter = WorkCounter()
+    fo = options.get("curvature") == "full-overlap"
+    sampler = ProgressiveSampler(problem.n, batch_size, overlap=0.0 if fo else overlap, seed=seed)
+    opt = PBQN(problem.parameters(), sampler, **options)
+    trace = Trace("pbqn", info={"initial_batch": batch_size, "overlap": sampler.overlap, **opt.defaults})
+    rec = _Recorder(problem, trace, stop)
+    rec(0.0, batch_size=sampler.batch_size, iteration=0)
+    for it in range(1, max_iterations + 1):
+        rows = torch.as_tensor(sampler.next_batch())
+        opt.step(problem.batch_loss(rows, counter=counter))
+        last = opt.log[-1]
+        done = rec(counter.passes(problem.n), iteration=it, batch_size=last["batch_size"], alpha0=last["alpha0"],
+                   alpha=last["alpha"], backtracks=last["backtracks"], pair=last["pair"])
+        if done or counter.passes(problem.n) >= max_passes:
+            break
+    trace.counters = {**opt.counters, **counter.as_dict()}
+    trace.info["batch_sizes"] = [r["batch_size"] for r in opt.log]
+    trace.weights = problem.weights() if problem.convex else None
+    return trace
+
+
+def run_dance(problem: Problem, *, initial_samples: int = 128, growth: float = 2.0, c: float | None = None,
+              max_passes: float = 100.0, max_iterations: int = 10_000, seed: int = 0, stop: Stop | None = None,
+              keep_iterates: bool = False, method: str = "dance", **options: Any) -> Trace:
+    """DANCE from the problem's current weights on a seeded random order of the training data.
+
+    ``c`` defaults to ``l2 * N`` (so the last stage is the problem itself; 1 when ``l2 = 0``).
+    Under an initialized ``torch.distributed`` group each rank takes its strided shard; only
+    rank 0 records. ``options`` go to :class:`DANCE`.
+    """
+    import torch.distributed as dist
+
+    n = problem.n
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    c = (problem.l2 * n if problem.l2 > 0 else 1.0) if c is None else c
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(problem.y_train.device)
+    closure = problem.batch_loss(order[shard_rows(n, rank, world).to(order.device)], l2=0.0)
+    opt = DANCE(problem.parameters(), n, initial_samples=initial_samples, growth=growth, c=c, **options)
+    trace = Trace(method, info={"c": c, "world_size": world, **opt.defaults, "initial_samples": opt.stage_size})
+    trace.iterates = [problem.flat_weights().clone()] if keep_iterates else None
+    rec = _Recorder(problem, trace, stop) if rank == 0 else None
+    if rec is not None:
+        rec(0.0, stage=0, n=opt.stage_size, cg_iterations=0, comm_rounds=0, comm_bytes=0)
+    for _ in range(max_iterations):
+        opt.step(closure)
+        if trace.iterates is not None:
+            trace.iterates.append(problem.flat_weights().clone())
+        last = opt.log[-1]
+        cnt = opt.counters
+        stop_now = False
+        if rec is not None:
+            stop_now = rec(opt.passes(), stage=last["stage"], n=last["n"], cg_iterations=cnt["cg_iterations"],
+                           comm_rounds=cnt["comm_rounds"], comm_bytes=cnt["comm_bytes"])
+        if world > 1 and stop is not None:  # every rank must take the same decision
+            flag = torch.tensor([float(stop_now)], dtype=torch.float64)
+            dist.broadcast(flag.to(problem.x_train.device), src=0)
+            stop_now = bool(flag.item())
+        if opt.done or stop_now or opt.passes() >= max_passes:
+            break
+    trace.counters = {**opt.counters, "passes": opt.passes()}
+    trace.info["stage_sizes"] = list(opt.state[opt._params[0]]["stage_sizes"])
+    trace.info["log"] = opt.log
+    trace.weights = problem.weights() if problem.convex else None
+    return trace
+
+
+def run_newton_cg(problem: Problem, **kwargs: Any) -> Trace:
+    """Damped Newton-CG on the full data from the start (DANCE with ``m_0 = N``)."""
+    return run_dance(problem, initial_samples=problem.n, method="newton-cg", **kwargs)
+
+
+def _run_first_order(problem: Problem, method: str, optimizer: torch.optim.Optimizer, *, batch_size: int,
+                     max_passes: float, seed: int, records_per_pass: float, stop: Stop | None) -> Trace:
+    counter = WorkCounter()
+    trace = Trace(method, info={"batch_size": batch_size, **{k: v for k, v in optimizer.defaults.items()
+                                                              if isinstance(v, (int, float, str, bool))}})
+    rec = _Recorder(problem, trace, stop)
+    params = problem.parameters()
+    gen = torch.Generator().manual_seed(seed)
+    next_record = 1.0 / records_per_pass
+    done = rec(0.0)
+    diverged = False
+    while not done and counter.passes(problem.n) < max_passes:
+        perm = torch.randperm(problem.n, generator=gen)
+        for lo in range(0, problem.n, batch_size):
+            rows = perm[lo:lo + batch_size].to(problem.y_train.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = problem.batch_loss(rows, counter=counter).losses().mean()
+            counter.gradients += len(rows)
+            loss.backward()
+            optimizer.step()
+            passes = counter.passes(problem.n)
+            if passes >= next_record - 1e-12 or passes >= max_passes:
+                next_record += 1.0 / records_per_pass
+                done = rec(passes)
+                if not math.isfinite(trace.records[-1]["objective"]):
+                    diverged = True
+                    done = True
+            if done or passes >= max_passes:
+                break
+    trace.counters = counter.as_dict()
+    trace.info["diverged"] = diverged
+    trace.weights = problem.weights() if problem.convex else None
+    del params
+    return trace
+
+
+def run_sgd(problem: Problem, *, lr: float = 0.1, batch_size: int = 32, max_passes: float = 10.0, seed: int = 0,
+            records_per_pass: float = 10.0, stop: Stop | None = None, momentum: float = 0.0) -> Trace:
+    """Minibatch SGD with constant step ``lr`` (a fresh epoch permutation per pass)."""
+    opt = torch.optim.SGD(problem.parameters(), lr=lr, momentum=momentum)
+    return _run_first_order(problem, "sgd", opt, batch_size=batch_size, max_passes=max_passes, seed=seed,
+                            records_per_pass=records_per_pass, stop=stop)
+
+
+def run_adam(problem: Problem, *, lr: float = 1e-3, batch_size: int = 32, max_passes: float = 10.0, seed: int = 0,
+             records_per_pass: float = 10.0, stop: Stop | None = None) -> Trace:
+    """``torch.optim.Adam`` (default betas) with minibatches."""
+    opt = torch.optim.Adam(problem.parameters(), lr=lr)
+    return _run_first_order(problem, "adam", opt, batch_size=batch_size, max_passes=max_passes, seed=seed,
+                            records_per_pass=records_per_pass, stop=stop)
+
+
+def tune_sgd(problem: Problem, *, grid: Sequence[float] = SGD_GRID, **kwargs: Any) -> Trace:
+    """Run SGD for each step in ``grid`` from the problem's current weights and keep the run with the
+    lowest final training objective (diverged runs lose); the problem ends at that run's weights."""
+    w0 = problem.flat_weights().clone()
+    best: tuple[float, Trace, torch.Tensor] | None = None
+    finals = {}
+    for lr in grid:
+        problem.set_flat_weights(w0)
+        tr = run_sgd(problem, lr=lr, **kwargs)
+        final = tr.final("objective")
+        finals[lr] = final
+        key = final if math.isfinite(final) else math.inf
+        if best is None or key < best[0]:
+            best = (key, tr, problem.flat_weights().clone())
+    assert best is not None
+    _, trace, w = best
+    problem.set_flat_weights(w)
+    trace.info["grid"] = {str(k): v for k, v in finals.items()}
+    trace.info["lr"] = trace.info.get("lr")
+    return trace
+
+
+def run_lbfgs(problem: Problem, *, max_passes: float = 100.0, history_size: int = 10, max_iterations: int = 10_000,
+              stop: Stop | None = None) -> Trace:
+    """``torch.optim.LBFGS`` on the full batch with the strong-Wolfe line search (one record per iteration)."""
+    params = problem.parameters()
+    counter = WorkCounter()
+    objective = problem.batch_loss()
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=history_size, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-14, tolerance_change=1e-16)
+    cache: dict[str, Any] = {}
+
+    def closure() -> torch.Tensor:
+        w = flatten([p.detach() for p in params])
+        if "w" in cache and torch.equal(cache["w"], w):
+            loss, grads = cache["loss"], cache["grads"]
+        else:
+            counter.gradients += problem.n
+            loss = objective.losses().mean()
+            grads = torch.autograd.grad(loss, params)
+            loss = loss.detach()
+            cache.update(w=w, loss=loss, grads=grads)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        return loss
+
+    trace = Trace("lbfgs", info={"history_size": history_size, "line_search": "strong_wolfe"})
+    rec = _Recorder(problem, trace, stop)
+    rec(0.0, iteration=0)
+    for it in range(1, max_iterations + 1):
+        before = counter.gradients
+        opt.step(closure)
+        done = rec(counter.passes(problem.n), iteration=it)
+        if done or counter.passes(problem.n) >= max_passes or counter.gradients == before:
+            break  # (no new evaluation: torch's LBFGS met its tolerances)
+    trace.counters = counter.as_dict()
+    trace.weights = problem.weights() if problem.convex else None
+    return trace
+
+
+def run_method(method: str, problem: Problem, *, max_passes: float = 20.0, seed: int = 0, **kwargs: Any) -> Trace:
+    """Dispatch by name: ``pbqn``, ``dance``, ``newton-cg``, ``sgd`` (tuned over :data:`SGD_GRID`),
+    ``adam``, ``lbfgs``."""
+    if method == "pbqn":
+        return run_pbqn(problem, max_passes=max_passes, seed=seed, **kwargs)
+    if method == "dance":
+        return run_dance(problem, max_passes=max_passes, seed=seed, **kwargs)
+    if method == "newton-cg":
+        return run_newton_cg(problem, max_passes=max_passes, seed=seed, **kwargs)
+    if method == "sgd":
+        return tune_sgd(problem, max_passes=max_passes, seed=seed, **kwargs)
+    if method == "adam":
+        return run_adam(problem, max_passes=max_passes, seed=seed, **kwargs)
+    if method == "lbfgs":
+        return run_lbfgs(problem, max_passes=max_passes, **kwargs)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+# -- distributed DANCE -------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _dance_worker(rank: int, world: int, port: int, spec: dict[str, Any], kwargs: dict[str, Any], out: str) -> None:
+    import torch.distributed as dist
+
+    from leantrain.storage import save_torch
+
+    torch.set_num_threads(1)
+    device = spec.get("device", "cpu")
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    if backend == "nccl":
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        problem = make_problem(**{**spec, "device": device})
+        trace = run_dance(problem, **kwargs)
+        if rank == 0:
+            save_torch(out, {"trace": trace})
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_dance_distributed(spec: dict[str, Any], nproc: int, *, timeout_s: float = 300.0, **kwargs: Any) -> Trace:
+    """DANCE on ``nproc`` local processes (gloo on CPU, NCCL when ``spec["device"]`` is CUDA).
+
+    ``spec`` are the keyword arguments of :func:`make_problem` (each rank builds the same problem
+    and takes its shard); ``kwargs`` go to :func:`run_dance`. Rank 0's trace is returned; the
+    processes are ended after ``timeout_s`` seconds (RuntimeError).
+    """
+    import torch.multiprocessing as mp
+
+    from leantrain.storage import load_torch
+
+    if int(nproc) != nproc or nproc < 1:
+        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "trace.pt")
+        ctx = mp.start_processes(_dance_worker, args=(nproc, free_port(), spec, kwargs, out), nprocs=nproc,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                raise RuntimeError(f"distributed DANCE on {nproc} processes did not finish in {timeout_s:.0f} s")
+        return load_torch(out)["trace"]
