@@ -1,0 +1,126 @@
+"""A compact TRPO step that can carry RAIL's trajectory-level term.
+
+Why not sb3-contrib's ``TRPO``: its surrogate ``(advantages * ratio).mean()`` is built inline in
+``TRPO.train()`` (for the gradient and again in the line search) with no hook for an extra
+per-sample term, and its ``RolloutBuffer`` holds a fixed number of steps per environment, cutting
+trajectories at rollout boundaries, while RAIL's weight needs each *complete* trajectory's cost.
+Carrying the term would mean re-writing ``train()`` and the buffer, i.e. forking the algorithm; the
+step below is the same algorithm (Schulman et al. 2015) in ~100 lines with the term built in.
+
+One step maximizes, within ``mean KL(pi_old || pi_theta) <= max_kl``,
+
+    ``L(theta) = mean_i[rho_i(theta) * A_i] - mean_i[w_i * log pi_theta(a_i | s_i)]``,
+
+``rho_i = pi_theta(a_i|s_i) / pi_old(a_i|s_i)``. ``A`` is passed already standardized; ``w`` is
+RAIL's tail weight of the pair's trajectory (never standardized; ``w = 0`` or ``None`` is GAIL):
+
+1. ``g = grad L(theta_old)``;
+2. solve ``(F + damping I) x = g`` by ``cg_iters`` conjugate-gradient iterations, where ``F v`` is
+   the Hessian-vector product of the mean KL on a random ``fvp_fraction`` of the batch;
+3. full step ``s = sqrt(2 max_kl / x^T (F + damping I) x) * x``;
+4. backtracking ``theta_old + 0.5^k s`` (``k = 0..backtracks-1``): accept the first point with
+   ``L > L(theta_old)`` and ``mean KL <= max_kl`` on the whole batch; otherwise keep ``theta_old``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from leantrain.imitation.policies import GaussianPolicy, diagonal_gaussian_kl
+
+__all__ = ["trpo_step", "conjugate_gradient", "flat_parameters", "set_flat_parameters"]
+
+
+def flat_parameters(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def set_flat_parameters(module: nn.Module, flat: torch.Tensor) -> None:
+    i = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            n = p.numel()
+            p.copy_(flat[i:i + n].view_as(p))
+            i += n
+
+
+def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int = 10,
+                       residual_tol: float = 1e-10) -> torch.Tensor:
+    """Approximately solve ``A x = b`` for symmetric positive-definite ``A`` given ``v -> A v``."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        if rr <= residual_tol:
+            break
+        ap = matvec(p)
+        step = rr / (p @ ap)
+        x += step * p
+        r -= step * ap
+        rr_new = r @ r
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def trpo_step(policy: GaussianPolicy, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor, *,
+              tail_weights: torch.Tensor | None = None, max_kl: float = 0.01, damping: float = 0.1,
+              fvp_fraction: float = 0.1, cg_iters: int = 10, backtracks: int = 10,
+              generator: torch.Generator | None = None) -> dict[str, float]:
+    """One TRPO update of ``policy`` in place (see the module docstring); returns diagnostics."""
+    if not 0 < fvp_fraction <= 1:
+        raise ValueError(f"fvp_fraction must lie in (0, 1], got {fvp_fraction}")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    with torch.no_grad():
+        old_mean, old_log_std = policy.distribution(obs)
+        old_logp = policy.log_prob(obs, actions)
+
+    def surrogate() -> torch.Tensor:
+        logp = policy.log_prob(obs, actions)
+        value = (torch.exp(logp - old_logp) * advantages).mean()
+        if tail_weights is not None:
+            value = value - (tail_weights * logp).mean()
+        return value
+
+    def mean_kl(index: torch.Tensor | None = None) -> torch.Tensor:
+        o = obs if index is None else obs[index]
+        mean, log_std = policy.distribution(o)
+        m0 = old_mean if index is None else old_mean[index]
+        s0 = old_log_std if index is None else old_log_std[index]
+        return diagonal_gaussian_kl(m0, s0, mean, log_std).mean()
+
+    loss0 = surrogate()
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss0, params)])
+    n_sub = max(1, int(round(fvp_fraction * obs.shape[0])))
+    sub = torch.randperm(obs.shape[0], generator=generator, device=obs.device)[:n_sub]
+    kl_sub = mean_kl(sub)
+    grad_kl = torch.cat([t.reshape(-1) for t in torch.autograd.grad(kl_sub, params, create_graph=True)])
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
+        return torch.cat([t.reshape(-1) for t in hv]) + damping * v
+
+    l0 = float(loss0.detach())
+    stats = {"surrogate_before": l0, "surrogate_after": l0, "kl": 0.0, "step_fraction": 0.0}
+    if not torch.isfinite(g).all() or float(g @ g) == 0.0:
+        return stats
+    x = conjugate_gradient(fvp, g, cg_iters)
+    shs = float(x @ fvp(x))
+    if not shs > 0:
+        return stats
+    full_step = x * (2.0 * max_kl / shs) ** 0.5
+    theta0 = flat_parameters(policy)
+    with torch.no_grad():
+        frac = 1.0
+        for _ in range(backtracks):
+            set_flat_parameters(policy, theta0 + frac * full_step)
+            new, kl = surrogate(), mean_kl()
+            if torch.isfinite(new) and float(new) > l0 and float(kl) <= max_kl:
+                stats.update(surrogate_after=float(new), kl=float(kl), step_fraction=frac)
+                return stats
+            frac *= 0.5
+        set_flat_parameters(policy, theta0)
+    return stats
