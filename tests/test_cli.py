@@ -66,7 +66,8 @@ def test_every_subcommand_has_help(capsys):
     (["data"], "required"),
     (["data", "list", "--bogus"], "unrecognized arguments"),
 ])
-def test_bad_arguments_give_one_clear_line_and_nonzero_exit(argv, message, capsys, tmp_path):
+def test_bad_arguments_give_one_clear_line_and_nonzero_exit(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("LEANTRAIN_DATA", raising=False)
     if argv[:1] in (["train"], ["reproduce"]):
         argv = [*argv, "--out", str(tmp_path)]
     code, out, err = _run(argv, capsys)
@@ -122,3 +123,8 @@ def test_reproduce_list_and_data_list(capsys):
     code, out, _ = _run(["data", "list", "--json"], capsys)
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["digits"]["input_shape"] == [1, 8, 8] and rows["mnist"]["bundled"] is False
+
+
+def test_bench_list(capsys):
+    code, out, _ = _run(["bench", "--list", "--json"], capsys)
+    assert code == 0 and "train" in {r["name"] for r in json.loads(out)}
