@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from leantrain.numerics import BF16, FP8_E4M3, FP8_E5M2, FP16, TF32, FloatFormat, quantize, round_to_integer
+from leantrain.numerics import BF16, FP8_E4M3, FP8_E5M2, FP16, TF32, FloatFormat, quantize, round_low_bits, round_to_integer
 
 N = 20_000
 
@@ -94,3 +94,16 @@ def test_truncate_equals_masking_for_normals_on_random_bit_patterns():
     normal = np.isfinite(x) & (np.abs(x) >= BF16.min_normal)
     q = quantize(torch.from_numpy(x[normal]), BF16, "truncate").numpy()
     assert (q.view(np.int32) == (bits[normal] & np.int32(-65536))).all()
+
+
+@pytest.mark.parametrize("shift", [1, 3, 8, 12, 16, 20, 30])
+def test_round_low_bits_stochastic_frequency(shift):
+    # covers every random-bit source: 8-bit and 16-bit slices of 64-bit draws, 31-bit (int32), 63-bit (int64)
+    rng = np.random.default_rng(shift)
+    rem = rng.integers(0, 2**shift, size=8)
+    a = torch.from_numpy(np.repeat(rem + 5 * 2**shift, N).astype(np.int64 if shift > 25 else np.int32))
+    r = round_low_bits(a, shift, "stochastic", generator=torch.Generator().manual_seed(shift)).numpy().reshape(8, N)
+    assert np.isin(r, [5 * 2**shift, 6 * 2**shift]).all()
+    p = rem / 2**shift
+    freq = (r == 6 * 2**shift).mean(axis=1)
+    assert (np.abs(freq - p) <= 6 * np.sqrt(p * (1 - p) / N)).all()

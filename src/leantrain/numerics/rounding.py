@@ -108,11 +108,27 @@ def round_low_bits(
             t &= mask  # no parity bias where shift == 0
         t += mask >> 1
     else:
-        t.random_(generator=generator)  # uniform on [0, 2^31) (int32) or [0, 2^63) (int64)
-        t &= mask
+        if not _uniform_bits(t, shift if isinstance(shift, int) else 31, generator):
+            t &= mask
     res = torch.add(a, t, out=a if out is a else t)
     res &= ~mask
     return res
+
+
+def _uniform_bits(t: torch.Tensor, nbits: int, generator: torch.Generator | None) -> bool:
+    """Fill int32/int64 ``t`` so that its low ``nbits`` bits are uniform and independent.
+
+    Returns True when every value is already in ``[0, 2^nbits)`` (no masking needed).
+    """
+    if t.dtype == torch.int32 and nbits <= 16:
+        # One 64-bit draw serves four (or eight) elements: the generator's cost dominates stochastic rounding.
+        narrow, per, width = (torch.uint8, 8, 8) if nbits <= 8 else (torch.uint16, 4, 16)
+        n = t.numel()
+        raw = torch.empty((n + per - 1) // per, dtype=torch.int64, device=t.device).random_(-(2**63), None, generator=generator)
+        t.view(-1).copy_(raw.view(narrow)[:n])  # zero-extended: uniform on [0, 2^8) or [0, 2^16)
+        return nbits == width
+    t.random_(generator=generator)  # uniform on [0, 2^31) (int32) or [0, 2^63) (int64)
+    return False
 
 
 def stochastic_round_up(y: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
