@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from leantrain.numerics import dfp_exponent, dfp_matmul, from_dfp, int_matmul, safe_chunk, to_dfp
+from leantrain.numerics import dfp_exponent, dfp_matmul, dfp_round, from_dfp, int_matmul, safe_chunk, to_dfp
 
 
 def _data(seed: int, shape, spread: int = 20) -> torch.Tensor:
@@ -72,6 +72,13 @@ def test_stochastic_dfp_is_unbiased_and_truncate_goes_toward_zero():
     assert abs(float(vals.mean()) - float(torch.tensor(0.3))) < 6 * sigma
     mt, _ = to_dfp(x, 16, rounding="truncate")
     assert bool((mt.double().abs() * unit <= x.double().abs()).all())
+
+
+def test_dfp_round_is_the_round_trip():
+    x = _data(11, (5, 16))
+    m, e = to_dfp(x, 8, block=4)
+    assert torch.equal(dfp_round(x, 8, block=4), from_dfp(m, e))
+    assert dfp_round(x.double(), 12).dtype == torch.float64
 
 
 def test_zero_tensor_and_bad_input():

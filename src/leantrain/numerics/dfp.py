@@ -27,7 +27,7 @@ import torch
 
 from leantrain.numerics.rounding import _check_float, _check_generator, check_rounding, round_to_integer
 
-__all__ = ["to_dfp", "from_dfp", "dfp_exponent", "mantissa_dtype"]
+__all__ = ["to_dfp", "from_dfp", "dfp_round", "dfp_exponent", "mantissa_dtype"]
 
 
 def _check_bits(bits: object) -> int:
@@ -134,3 +134,20 @@ def from_dfp(mantissas: torch.Tensor, exponent: torch.Tensor | int, *, dtype: to
         raise ValueError(f"exponent shape {tuple(exp.shape)} does not match mantissas shape {tuple(m.shape)} in blocks")
     mb = m.reshape(*m.shape[:-1], nb, m.shape[-1] // nb)
     return _ldexp(mb, exp.unsqueeze(-1)).reshape(m.shape).to(dtype)
+
+
+def dfp_round(
+    x: torch.Tensor,
+    bits: int = 16,
+    *,
+    block: int | None = None,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``from_dfp(*to_dfp(x, ...))``: ``x`` rounded onto its DFP grid, as float32 (float64 input stays float64).
+
+    The values a DFP kernel would see, for emulation in float arithmetic (e.g. a float GEMM on DFP-rounded
+    operands equals the integer GEMM with an unbounded accumulator, up to float summation order).
+    """
+    m, e = to_dfp(x, bits, block=block, rounding=rounding, generator=generator)
+    return from_dfp(m, e, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)

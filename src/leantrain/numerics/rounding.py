@@ -25,6 +25,12 @@ Rounding modes (``rounding=``):
   than ``2^-53``. Reproducible with a ``torch.Generator`` (same generator state, same tensor size and
   device -> same result).
 - ``"truncate"``: round toward zero (clear the low bits), what cheap hardware does.
+
+Speed: CPU tensors are processed in blocks of 64K elements so that the few integer passes stay in cache. For
+nearest-even the subnormal range of narrow formats is rounded by the FPU's own round-to-nearest-even
+(``(|x| + C) - C``, exact by construction), and BF16/FP16 nearest may use torch's native cast after a
+bit-for-bit probe (see :func:`quantize`); these are faster ways to compute the same rule, checked against
+the same oracles.
 """
 
 from __future__ import annotations
