@@ -41,7 +41,10 @@ class Hooks:
     - ``wrap(model, optimizer) -> (model, optimizer)`` once before training (after resume);
     - ``backward(loss)`` instead of ``loss.backward()`` (e.g. loss scaling);
     - ``step(optimizer) -> bool`` instead of ``optimizer.step()``; returns False for a skipped step;
-    - ``state_dict()`` / ``load_state_dict()`` are checkpointed with the model.
+    - ``state_dict()`` / ``load_state_dict()`` are checkpointed with the model;
+    - ``shard(batch) -> batch``: this process's part of each global batch (data parallelism);
+    - ``writes_checkpoint() -> bool``: whether this process writes the checkpoint file (every process
+      still builds the state, which may involve collectives; one writer keeps the file consistent).
     """
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -59,6 +62,12 @@ class Hooks:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+    def shard(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return batch
+
+    def writes_checkpoint(self) -> bool:
+        return True
 
 
 @dataclass
@@ -272,7 +281,7 @@ def fit(
     def save(ep: int, b: int) -> None:
         if ckpt_path is None:
             return
-        save_torch(ckpt_path, {
+        record = {
             "model": base_model.state_dict(), "optimizer": optimizer.state_dict(),
             "batch_size": batch_size, "n_train": n, "extra": dict(extra or {}),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -280,7 +289,9 @@ def fit(
             "history": {"evals": history.evals, "step_loss": history.step_loss,
                         "skipped_steps": history.skipped_steps},
             "rng": _rng_state(), "model_spec": model_spec,
-        })
+        }
+        if hooks.writes_checkpoint():
+            save_torch(ckpt_path, record)
 
     bar = None
     if progress:
@@ -294,7 +305,7 @@ def fit(
         order = epoch_order(n, seed, epoch)
         b = start_batch
         for batch in batches(train, order, batch_size, start_batch, drop_last):
-            x, y = (t.to(device) for t in batch[:2])
+            x, y = (t.to(device) for t in hooks.shard(batch)[:2])
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             hooks.backward(loss)

@@ -12,14 +12,15 @@ See docs/distributed.md.
 """
 
 from leantrain.distributed.compression import COMPRESSIONS, Compression, get_compression
-from leantrain.distributed.data_parallel import DataParallel, DistributedOptimizer
+from leantrain.distributed.data_parallel import DataParallel, DataParallelHooks, DistributedOptimizer
 from leantrain.distributed.distribution import CollectiveError, Distribution, Group, Pending
 from leantrain.distributed.launch import SpawnError, free_port, init_from_env, is_launched, spawn
+from leantrain.distributed.model_parallel import ColumnParallelLinear, RowParallelLinear
 from leantrain.distributed.timeline import StepStats, Timeline, write_chrome_trace
 
 __all__ = [
     "Distribution", "Group", "Pending", "CollectiveError",
-    "DataParallel", "DistributedOptimizer",
+    "DataParallel", "DistributedOptimizer", "DataParallelHooks", "ColumnParallelLinear", "RowParallelLinear",
     "Compression", "COMPRESSIONS", "get_compression",
     "spawn", "SpawnError", "init_from_env", "is_launched", "free_port",
     "StepStats", "Timeline", "write_chrome_trace",

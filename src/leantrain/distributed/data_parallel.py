@@ -60,8 +60,9 @@ from torch import nn
 from leantrain.distributed.compression import Compression, get_compression
 from leantrain.distributed.distribution import CollectiveError, Distribution, Group, Pending
 from leantrain.distributed.timeline import BucketStats, StepStats, Timeline, busy_time
+from leantrain.train import Hooks
 
-__all__ = ["DataParallel", "DistributedOptimizer"]
+__all__ = ["DataParallel", "DistributedOptimizer", "DataParallelHooks"]
 
 
 class _Bucket:
@@ -695,3 +696,69 @@ class DistributedOptimizer:
                     new[key] = value.clone() if isinstance(value, torch.Tensor) else value
             if new:
                 self.shard_optimizer.state[b.shard_param] = new
+
+
+class DataParallelHooks(Hooks):
+    """Plug :class:`DataParallel` into :func:`leantrain.train.fit` (and so into ``leantrain train --dp``).
+
+    ``fit`` is called on every rank with the *global* batch size ``P * b``; :meth:`shard` hands rank ``d`` of
+    the data group rows ``[d*B/P, (d+1)*B/P)`` of each global batch ``B`` drawn from the shared epoch order,
+    so ``P`` ranks see exactly the batches one process with batch ``P*b`` would. Only global rank 0 writes
+    checkpoints; their content (model, full optimizer state, every rank's error-feedback residuals) is the
+    same on every rank, so a restart of all ranks from it (``torchrun --max-restarts``) continues exactly.
+
+    ``inner`` hooks (e.g. a precision layer's loss scaling) keep working: ``backward`` and ``step`` are theirs,
+    run after the gradient exchange has finished. Keyword arguments go to :class:`DataParallel`.
+    """
+
+    def __init__(self, distribution: Distribution | None = None, *, inner: Hooks | None = None, **dp_kwargs: Any) -> None:
+        self.distribution = distribution if distribution is not None else Distribution()
+        self.inner = inner if inner is not None else Hooks()
+        self.dp_kwargs = dp_kwargs
+        self.dp: DataParallel | None = None
+        self.optimizer: DistributedOptimizer | None = None
+        self._comm_state: dict[str, Any] = {}
+        if dp_kwargs.get("distributed_update") and type(self.inner).step is not Hooks.step:
+            raise ValueError("distributed_update cannot be combined with hooks that replace the optimizer step "
+                             f"({type(self.inner).__name__}): their step reads param.grad, which the sharded update bypasses")
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        model, optimizer = self.inner.wrap(model, optimizer)
+        self.dp = DataParallel(model, self.distribution, **self.dp_kwargs)
+        self.optimizer = self.dp.optimizer(optimizer)
+        self.dp.load_comm_state_dict(self._comm_state)
+        return self.dp, self.optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.inner.backward(loss)
+
+    def step(self, optimizer: Any) -> bool:
+        if self.dp is not None:
+            self.dp.finish()
+        return self.inner.step(optimizer)
+
+    def shard(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        parts, d = self.distribution.data_size, self.distribution.data_rank
+        n = len(batch[0])
+        if n < parts:
+            raise ValueError(f"a global batch of {n} samples cannot be split over {parts} data-parallel ranks")
+        lo, hi = d * n // parts, (d + 1) * n // parts
+        return tuple(t[lo:hi] for t in batch)
+
+    def writes_checkpoint(self) -> bool:
+        return self.distribution.rank == 0 and self.inner.writes_checkpoint()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "comm": self.dp.comm_state_dict() if self.dp is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state.get("inner", {}))
+        self._comm_state = state.get("comm", {})
+        if self.dp is not None:
+            self.dp.load_comm_state_dict(self._comm_state)
+
+    def timelines(self) -> list[Timeline]:
+        """Every rank's timeline (a collective over the global group; rank order)."""
+        if self.dp is None:
+            return []
+        return self.distribution.global_group.all_gather_object(self.dp.timeline, "gather of timelines")

@@ -57,7 +57,17 @@ def init_from_env(device: str = "cpu", *, backend: str | None = None, timeout_s:
     backend = backend or default_backend(device)
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across restarts; the previous attempt's gloo addresses are still in
+        # it, and a restarted rank may read a dead peer's address. A key prefix per attempt keeps them apart.
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                             timeout=timeout)
+        store = dist.PrefixStore(f"leantrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,0 +1,169 @@
+"""Single-process tests of leantrain.distributed: compression against ml_dtypes and closed forms, the bucket
+layout, DataParallel in a one-process world, statistics and the Chrome trace."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from leantrain.distributed import DataParallel, DataParallelHooks, Distribution, get_compression
+from leantrain.distributed.timeline import busy_time, write_chrome_trace
+
+
+def _values(n: int = 1000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, n, generator=g) * torch.logspace(-6, 3, n).to(torch.float32)
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e-30, 65504.0, 70000.0])
+    return x
+
+
+@pytest.mark.parametrize("name,dtype", [("bf16", ml_dtypes.bfloat16), ("fp16", np.float16)])
+def test_float_compression_matches_ml_dtypes_round_to_nearest_even(name, dtype):
+    x = _values()
+    comp = get_compression(name)
+    payload = comp.encode(x)
+    assert payload.dtype == torch.uint8 and payload.shape == (3, comp.payload_bytes(x.shape[1])) == (3, 2 * x.shape[1])
+    got = comp.decode(payload, x.shape[1]).numpy()
+    with np.errstate(over="ignore"):  # 70000 overflows FP16 to inf, as it should
+        want = x.numpy().astype(dtype).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(comp.roundtrip(x).numpy(), want)
+
+
+def test_int8_scale_is_the_least_power_of_two_that_fits_and_rounding_is_unbiased():
+    comp = get_compression("int8")
+    x = _values(200)
+    x[2] = 0.0
+    payload = comp.encode(x, torch.Generator().manual_seed(1))
+    assert payload.shape == (3, 4 + 200)
+    scale = payload[:, :4].reshape(-1).view(torch.float32)
+    amax = x.abs().amax(dim=1)
+    m, _ = torch.frexp(scale)
+    assert torch.all(m == 0.5)  # powers of two
+    assert torch.all(amax[:2] <= 127 * scale[:2]) and torch.all(amax[:2] > 127 * scale[:2] / 2)
+    assert scale[2] == 1.0
+    dec = comp.decode(payload, 200)
+    assert torch.all((dec - x).abs() < scale.view(-1, 1))
+    assert torch.all(dec[2] == 0)
+    # unbiased: the mean over many independent roundings converges to x (error ~ s / (2 sqrt(k)))
+    g = torch.Generator().manual_seed(2)
+    k = 400
+    mean = sum(comp.roundtrip(x[:1], g) for _ in range(k)) / k
+    assert torch.all((mean - x[:1]).abs() <= 4 * scale[0] / (2 * k ** 0.5))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 64])
+def test_sign_compression_packs_signs_and_scales_by_mean_magnitude(n):
+    comp = get_compression("sign")
+    x = torch.randn(2, n, generator=torch.Generator().manual_seed(n))
+    payload = comp.encode(x)
+    assert payload.shape == (2, 4 + (n + 7) // 8)
+    want = torch.where(x >= 0, 1.0, -1.0) * x.abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(comp.decode(payload, n), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "sign"])
+def test_non_finite_gradients_stay_visible_after_compression(name):
+    x = torch.ones(1, 16)
+    x[0, 3] = float("inf")
+    assert not torch.isfinite(get_compression(name).roundtrip(x)).all()
+
+
+def test_bad_names_and_arguments_raise():
+    with pytest.raises(ValueError, match="compression must be one of"):
+        get_compression("int4")
+    with pytest.raises(ValueError, match="data_parts x model_parts"):
+        Distribution(2, 1)
+    with pytest.raises(ValueError, match="model_parts"):
+        Distribution(1, 0)
+    with pytest.raises(ValueError, match="bucket_mb"):
+        DataParallel(nn.Linear(2, 2), bucket_mb=0)
+    with pytest.raises(TypeError, match="module"):
+        DataParallel("not a module")  # type: ignore[arg-type]
+    m = nn.Linear(2, 2)
+    dp = DataParallel(m, distributed_update=True)
+    with pytest.raises(ValueError, match="element-wise"):
+        dp.optimizer(torch.optim.LBFGS(m.parameters()))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 2))
+
+
+def test_buckets_follow_reverse_registration_order_and_size():
+    model = _net()
+    dp = DataParallel(model, bucket_mb=1300 * 4 / 2 ** 20)  # 1300 float32 per bucket
+    names = [n for b in dp.layout() for n in b["params"]]
+    assert names == [n for n, _ in model.named_parameters()][::-1]
+    sizes = [b["numel"] for b in dp.layout()]
+    assert sum(sizes) == sum(p.numel() for p in model.parameters())
+    # a bucket closes before it would exceed the cap; a parameter larger than the cap gets its own bucket
+    for b in dp.layout():
+        assert b["numel"] <= 1300 or len(b["params"]) == 1
+    assert len(sizes) >= 2
+
+
+@pytest.mark.parametrize("kw", [{}, {"overlap": False}, {"priority": False}, {"distributed_update": True}])
+def test_single_process_data_parallel_equals_plain_training(kw):
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(2))
+    ref = _net()
+    ropt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    model = _net()
+    dp = DataParallel(model, bucket_mb=0.004, trace=True, **kw)
+    opt = dp.optimizer(torch.optim.Adam(model.parameters(), lr=0.01))
+    for _ in range(3):
+        ropt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ropt.step()
+        opt.zero_grad()
+        nn.functional.cross_entropy(dp(x), y).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert len(dp.stats) == 3
+    st = dp.stats[-1]
+    assert st.bytes_sent == 0 and len(st.buckets) == len(dp.buckets)
+    assert 0 <= st.compute_s <= st.step_s and st.exposed_comm_s >= 0
+    # bucket 0 (last layers) is ready before the last bucket (first layers)
+    assert st.buckets[0].ready_s <= st.buckets[-1].ready_s
+    # the state dict is the bare model's
+    assert list(dp.state_dict()) == list(model.state_dict())
+    dp.close()
+
+
+def test_chrome_trace_is_valid_json_with_compute_and_comm_lanes(tmp_path):
+    model = _net()
+    dp = DataParallel(model, bucket_mb=0.004, trace=True)
+    opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(2):
+        opt.zero_grad()
+        dp(torch.randn(4, 5)).sum().backward()
+        opt.step()
+    path = write_chrome_trace(tmp_path / "t.json", [dp.timeline])
+    trace = json.loads(path.read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["cat"] for e in spans} == {"compute", "comm", "update"}
+    assert sum(e["name"].startswith("bucket") for e in spans) == 2 * len(dp.buckets)
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    dp.close()
+
+
+def test_busy_time_is_the_length_of_the_union():
+    assert busy_time([]) == 0
+    assert busy_time([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
+    assert busy_time([(2, 3), (0, 1)]) == pytest.approx(2.0)
+    assert busy_time([(0, 5), (1, 2)]) == pytest.approx(5.0)
+
+
+def test_hooks_shard_splits_the_global_batch_by_data_rank():
+    hooks = DataParallelHooks(Distribution())
+    batch = (torch.arange(10), torch.arange(10) * 2)
+    assert all(torch.equal(a, b) for a, b in zip(hooks.shard(batch), batch))
+    assert hooks.writes_checkpoint()
