@@ -77,6 +77,9 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     m, k, p = (64, 256, 64) if quick else (256, 1024, 256)
     a = torch.randn(m, k, generator=gen, device=device)
     b = torch.randn(k, p, generator=gen, device=device)
-    rows.append(compare(f"dfp_matmul INT16/INT32 ({m}x{k} @ {k}x{p})", lambda: dfp_matmul(a, b, 16),
-                        lambda: a @ b, baseline_name="torch.matmul float32", repeats=repeats, device=device))
+    for chunk in (None, 256):
+        label = "one INT32 register" if chunk is None else f"INT32 chunks of {chunk} + float32"
+        rows.append(compare(f"dfp_matmul INT16 {label} ({m}x{k} @ {k}x{p})",
+                            lambda chunk=chunk: dfp_matmul(a, b, 16, chunk=chunk), lambda: a @ b,
+                            baseline_name="torch.matmul float32", repeats=repeats, device=device))
     return {"rows": rows, "checks": checks, "elements": n, "qtorch": qtorch_note}

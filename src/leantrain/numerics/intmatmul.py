@@ -22,10 +22,11 @@ For symmetric ``bits``-bit operands (``A = B = 2^(bits-1) - 1``, as DFP produces
 INT16 -> c = 2, INT12 -> 512, INT8 -> 133144. Real data is far from this worst case; the stats show how often
 overflow actually happens.
 
-Implementation: exact sums come from a float64 GEMM (exact while ``K A B < 2^53``); an output can only
-overflow if ``sum_k |a_mk b_kn| > hi`` (also a float64 GEMM), and only those outputs are emulated step by
-step: prefix sums in int64 (wrap: the wrapped register before step k is ``wrap(S_{k-1})``; an event is
-``wrap(S_{k-1}) + p_k`` out of range), and a sequential clamp along k for saturation.
+Implementation: exact sums come from a float64 GEMM (exact while ``K A B < 2^53``). A pre-check with exact
+float64 GEMMs over segments of 32 along k bounds every partial sum; only outputs with a possible overflow are
+emulated: exact int64 prefix sums ``S_k`` and the wrap count ``w_k = floor((S_k - lo) / 2^acc_bits)``; the
+wrapped register is ``S_k - w_k 2^acc_bits`` and step k overflows exactly when ``w_k != w_(k-1)``. Saturation
+is order-dependent: outputs whose exact prefix sums leave the range are clamped step by step.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from leantrain.numerics.dfp import _check_bits, _ldexp, from_dfp, to_dfp
 __all__ = ["int_matmul", "dfp_matmul", "safe_chunk", "OVERFLOW_MODES"]
 
 OVERFLOW_MODES = ("wrap", "saturate", "error")
-# Candidate outputs emulated per batch: bounds the (outputs x K) int64 product buffer to 32 MiB.
+# Candidate outputs emulated per batch: bounds the (outputs x K) int64 prefix-sum buffer to 32 MiB.
 _EMULATE_ELEMENTS = 1 << 22
 
 
@@ -66,50 +67,72 @@ def _check_int(t: object, arg: str) -> torch.Tensor:
     return t
 
 
-def _wrap(v: torch.Tensor, acc_bits: int) -> torch.Tensor:
-    lo = -(2 ** (acc_bits - 1))
-    return torch.remainder(v - lo, 2**acc_bits) + lo
+# Segment length of the overflow pre-check: a prefix sum inside segment j is within sum_seg |p| of the
+# exact boundary sum S_(j-1), so outputs with max_j |S_(j-1)| + sum_seg_j |p| <= hi cannot overflow.
+_SEGMENT = 32
+
+
+def _may_overflow(a64: torch.Tensor, b64: torch.Tensor, hi: int) -> torch.Tensor:
+    """(M, N) bool: outputs whose partial sums might leave [-hi-1, hi] (conservative, exact float64 GEMMs)."""
+    m, k = a64.shape
+    n = b64.shape[1]
+    nseg = -(-k // _SEGMENT)
+    pad = nseg * _SEGMENT - k
+    if pad:
+        a64 = torch.nn.functional.pad(a64, (0, pad))
+        b64 = torch.nn.functional.pad(b64, (0, 0, 0, pad))
+    aseg = a64.reshape(m, nseg, _SEGMENT).transpose(0, 1)  # (nseg, M, L)
+    bseg = b64.reshape(nseg, _SEGMENT, n)  # (nseg, L, N)
+    seg_sum = torch.bmm(aseg, bseg)
+    seg_abs = torch.bmm(aseg.abs(), bseg.abs())
+    before = torch.cumsum(seg_sum, dim=0) - seg_sum  # exact boundary prefix S_(j-1)
+    return ((before.abs() + seg_abs) > hi).any(dim=0)
 
 
 def _accumulate(a: torch.Tensor, b: torch.Tensor, acc_bits: int, overflow: str) -> tuple[torch.Tensor, ...]:
-    """One register per output over all of k: returns (register int64 (M, N), events (M, N), exact sum (M, N))."""
+    """One register per output over all of k: returns (register int64 (M, N), events (M, N), exact sum (M, N)).
+
+    Outputs with a possible overflow are emulated: products (c, K), exact prefix sums S_k in int64, and the
+    wrap count w_k = floor((S_k - lo) / 2^acc_bits). The wrapped register after step k is S_k - w_k 2^acc_bits,
+    and step k overflows exactly when w_k != w_(k-1) (w_(-1) = 0). Saturation is order-dependent, so outputs
+    whose exact prefix sums leave the range are clamped step by step.
+    """
     lo, hi = -(2 ** (acc_bits - 1)), 2 ** (acc_bits - 1) - 1
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     exact = (a64 @ b64).to(torch.int64)
-    bound = a64.abs() @ b64.abs()
     reg = exact.clone()
     events = torch.zeros_like(exact)
-    cand = (bound > hi).nonzero()
+    cand = _may_overflow(a64, b64, hi).nonzero()
     if cand.numel() == 0:
         return reg, events, exact
     kdim = a.shape[1]
+    amax = int(a.to(torch.int64).abs().max())
+    bmax = int(b.to(torch.int64).abs().max())
+    pdtype = torch.int32 if amax * bmax < 2**31 else torch.int64
+    bt = b.t().to(pdtype)
     step = max(1, _EMULATE_ELEMENTS // max(kdim, 1))
     for s in range(0, cand.shape[0], step):
         mi, ni = cand[s:s + step, 0], cand[s:s + step, 1]
-        prods = a[mi].to(torch.int64) * b[:, ni].t().to(torch.int64)  # (c, K), exact
-        prefix = torch.cumsum(prods, dim=1)
+        prods = a[mi].to(pdtype) * bt[ni]  # (c, K), exact
+        prefix = torch.cumsum(prods, dim=1, dtype=torch.int64)
+        wraps = torch.bitwise_right_shift(prefix - lo, acc_bits)  # floor division by 2^acc_bits
+        ev = (wraps[:, 1:] != wraps[:, :-1]).sum(dim=1) + (wraps[:, 0] != 0)
         if overflow == "saturate":
-            acc = torch.zeros(prods.shape[0], dtype=torch.int64, device=a.device)
-            ev = torch.zeros_like(acc)
-            # Only rows whose exact prefix sums leave the range need the sequential clamp.
-            rows = ((prefix < lo) | (prefix > hi)).any(dim=1).nonzero().squeeze(1)
-            p = prods[rows]
-            acc_r = acc[rows]
-            ev_r = ev[rows]
-            for k in range(kdim):
-                t = acc_r + p[:, k]
-                ev_r += (t < lo) | (t > hi)
-                acc_r = t.clamp_(lo, hi)
-            acc = prefix[:, -1].clone()
-            acc[rows] = acc_r
-            ev[rows] = ev_r
-            reg[mi, ni] = acc
-            events[mi, ni] = ev
+            reg[mi, ni] = prefix[:, -1]
+            hit = (wraps != 0).any(dim=1).nonzero().squeeze(1)  # outputs whose exact partial sums leave the range
+            if hit.numel():
+                p = prods[hit].to(torch.int64)
+                acc = torch.zeros(p.shape[0], dtype=torch.int64, device=a.device)
+                cnt = torch.zeros_like(acc)
+                for k in range(kdim):
+                    t = acc + p[:, k]
+                    cnt += (t < lo) | (t > hi)
+                    acc = t.clamp_(lo, hi)
+                reg[mi[hit], ni[hit]] = acc
+                ev[hit] = cnt
         else:
-            before = torch.cat([torch.zeros_like(prefix[:, :1]), _wrap(prefix[:, :-1], acc_bits)], dim=1)
-            t = before + prods
-            events[mi, ni] = ((t < lo) | (t > hi)).sum(dim=1)
-            reg[mi, ni] = _wrap(prefix[:, -1], acc_bits)
+            reg[mi, ni] = prefix[:, -1] - wraps[:, -1] * 2**acc_bits
+        events[mi, ni] = ev
     return reg, events, exact
 
 
