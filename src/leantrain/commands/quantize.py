@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-batches", type=int, default=8, help="calibration batches of 128 (default 8)")
     p.add_argument("--keep", nargs="*", default=["first", "last"],
                    help="layers kept FP32: first, last and/or module names (default: first last)")
+    p.add_argument("--bn-recalibration", action="store_true",
+                   help="re-estimate batch-norm statistics of the converted model on the calibration batches")
     p.add_argument("--scale-dtype", default="float32", choices=["float32", "float16"], help="weight scale dtype")
     p.add_argument("--residual-budget", type=float, default=None,
                    help="add ternary residual edges by perturbation sensitivity until this extra size fraction is spent")
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     qmodel = quantize_model(model, weights=args.weights, grouping=grouping, act_bits=args.act_bits or None,
                             calibration=data.train, keep=args.keep, act_method=args.act_method, method=args.method,
                             scale_dtype=getattr(torch, args.scale_dtype), calibration_batches=args.calibration_batches,
-                            model_spec=spec, device=device)
+                            model_spec=spec, device=device, bn_recalibration=args.bn_recalibration)
     after = {"converted": evaluate(qmodel, loss, data.test, device=device)}
     residual = None
     if args.residual_budget is not None:

@@ -15,7 +15,8 @@ the zero padding of a convolution, is code 0):
 - ``pow2=True`` rounds ``s`` up to a power of two: the codes are then dynamic fixed point numbers
   ``q * 2^-f`` with one fractional length ``f = -log2 s`` per tensor.
 
-Values beyond the clip saturate to ``qmin``/``qmax``. NaN inputs raise (they have no code). In
+Values beyond the clip saturate to ``qmin``/``qmax``. NaN has no code: :meth:`codes` raises, the
+fake-quantized forward propagates it. In
 training mode the forward pass is a clipped straight-through estimator: the gradient passes
 unchanged where ``qmin*s <= x <= qmax*s`` and is zero where the value saturated.
 """
@@ -140,18 +141,22 @@ class ActQuantizer(nn.Module):
         if not bool(self.calibrated):
             raise RuntimeError("activation quantizer is not calibrated: run calibration batches first")
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes ``clamp(round(x / s), qmin, qmax)`` as int32."""
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
+        """The codes ``clamp(round(x / s), qmin, qmax)`` as integer-valued floats of ``x``'s dtype (NaN stays NaN)."""
         self._ready()
+        return round_to_integer(x / self.scale).clamp(self.qmin, self.qmax)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes ``clamp(round(x / s), qmin, qmax)`` as int32; NaN raises ValueError."""
         if torch.isnan(x).any():
             raise ValueError("cannot quantize NaN activations")
-        return round_to_integer(x / self.scale).clamp(self.qmin, self.qmax).to(torch.int32)
+        return self.levels(x).to(torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self._observe(x)
             return x
-        q = self.codes(x.detach()).to(x.dtype) * self.scale.to(x.dtype)
+        q = self.levels(x.detach()) * self.scale.to(x.dtype)
         if not (self.training and x.requires_grad):
             return q
         inside = (x >= self.qmin * self.scale) & (x <= self.qmax * self.scale)

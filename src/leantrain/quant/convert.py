@@ -40,7 +40,8 @@ from leantrain.quant.activations import ActQuantizer
 from leantrain.quant.grouping import Grouping
 from leantrain.quant.layers import MODES, QuantLayer, quantizable
 
-__all__ = ["quantize_model", "QuantizedModel", "LayerReport", "WEIGHT_KINDS", "weight_bits", "calibration_inputs"]
+__all__ = ["quantize_model", "QuantizedModel", "LayerReport", "WEIGHT_KINDS", "weight_bits", "calibration_inputs",
+           "recalibrate_batchnorm"]
 
 WEIGHT_KINDS: dict[str, int] = {"ternary": 2, "int3": 3, "int4": 4, "int5": 5, "int6": 6, "int7": 7, "int8": 8}
 
@@ -247,6 +248,36 @@ class QuantizedModel(nn.Module):
         return [asdict(r) for r in self.report()]
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor], *, device: str | torch.device = "cpu") -> int:
+    """Replace every batch-norm layer's running mean/variance by their values on ``batches``.
+
+    Quantized weights shift each channel's pre-normalisation mean and variance; the FP32 running
+    statistics then mis-normalise (small networks with few channels per layer suffer most). This
+    sets ``running_mean``/``running_var`` to the cumulative average of the per-batch statistics
+    (``momentum=None``) of the converted network over ``batches``, with everything else in eval
+    mode. No gradient step; affine parameters untouched. Returns the number of layers updated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    was_training = model.training
+    model.eval()
+    saved = []
+    for bn in bns:
+        saved.append(bn.momentum)
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for x in batches:
+            model(x.to(device))
+    finally:
+        for bn, mom in zip(bns, saved):
+            bn.momentum = mom
+            bn.eval()
+        model.train(was_training)
+    return len(bns)
+
+
 def _resolve_keep(names: list[str], keep: Sequence[str] | str | None) -> dict[str, str]:
     if keep is None:
         return {}
@@ -311,6 +342,7 @@ def quantize_model(
     calibration_batches: int = 8,
     model_spec: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
+    bn_recalibration: bool = False,
 ) -> QuantizedModel:
     """Convert ``model`` (left untouched) to a :class:`QuantizedModel` (module docstring).
 
@@ -326,6 +358,9 @@ def quantize_model(
         scale_dtype: dtype in which weight scales are stored (float32 or float16); a float16 model
             computes with the float16-rounded scales, so its packed file reloads bit-identically.
         model_spec: ``leantrain.models.model_spec(...)`` of the architecture (needed by ``save_quantized``).
+        bn_recalibration: re-estimate batch-norm running statistics of the converted network on the
+            calibration batches (:func:`recalibrate_batchnorm`; no gradient step, weights untouched).
+            Off by default: the papers' conversion keeps the FP32 statistics.
     """
     bits = weight_bits(weights)
     grouping = Grouping.parse(grouping)
@@ -354,13 +389,17 @@ def quantize_model(
         _set_submodule(qnet, name, qlayer.to(device))
     config = {"weights": weights, "bits": bits, "grouping": str(grouping), "act_bits": act_bits, "keep": list(kept),
               "act_method": act_method, "percentile": percentile, "act_pow2": act_pow2, "method": method,
-              "scale_dtype": str(scale_dtype).removeprefix("torch.")}
+              "scale_dtype": str(scale_dtype).removeprefix("torch."), "bn_recalibration": bool(bn_recalibration)}
     qmodel = QuantizedModel(qnet, config, model_spec=model_spec, layer_info=layer_info)
     qmodel.eval()
     acts = [m for m in qnet.modules() if isinstance(m, ActQuantizer)]
     with torch.no_grad():
         for a in acts:
             a.start_calibration()
+        if bn_recalibration:
+            recalibrate_batchnorm(qnet, batches, device=device)
+            for a in acts:
+                a.start_calibration()  # ranges after the new statistics
         for x in batches:
             qnet(x.to(device))
         for a in acts:

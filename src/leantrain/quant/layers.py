@@ -205,11 +205,13 @@ class QuantLayer(nn.Module):
         if self.act is None:
             raise RuntimeError("the integer path needs quantized input activations (this layer has act=None)")
         self._refresh()
-        q = self.act.codes(x)
+        if torch.isnan(x).any():
+            raise ValueError("cannot quantize NaN activations")
+        q = self.act.levels(x)  # integer-valued codes; exact in float32, moved losslessly by unfold
         kind, K, R = self.spec["kind"], self.layout.K, self.layout.R
         if kind == "linear":
             lead = q.shape[:-1]
-            cols = q.reshape(-1, R, 1)
+            cols = q.reshape(-1, R).t().unsqueeze(-1)  # (R, B, 1)
         else:
             ks = tuple(self.shape[2:])
             st, pd, dl = (tuple(self.spec[k]) for k in ("stride", "padding", "dilation"))
@@ -217,24 +219,31 @@ class QuantLayer(nn.Module):
                 q = q.unsqueeze(-2)
                 ks, st, pd, dl = (1, *ks), (1, *st), (0, *pd), (1, *dl)
             out_hw = [(q.shape[2 + i] + 2 * pd[i] - dl[i] * (ks[i] - 1) - 1) // st[i] + 1 for i in range(2)]
-            # Codes are small integers, exact in float32, so unfold (float-only) moves them losslessly.
-            cols = F.unfold(q.to(torch.float32), ks, dilation=dl, padding=pd, stride=st)
-            cols = cols[:, self.layout.reduction_permutation().to(cols.device)]
-        B, L = cols.shape[0], cols.shape[2]
+            cols = F.unfold(q.to(torch.float32), ks, dilation=dl, padding=pd, stride=st)  # (B, R, L), (C, kh, kw) order
+            cols = cols.transpose(0, 1).index_select(0, self.layout.reduction_permutation().to(cols.device))  # (R, B, L)
+        B, L = cols.shape[1], cols.shape[2]
         S, n = self.layout.segments, self.layout.segment_length
-        wmax = max(int(self.term(t).codes.abs().max()) for t in range(self._active)) if self._active else 0
+        terms = [self.term(t) for t in range(self._active)]
+        wmax = max(int(c.abs().max()) for c, _ in terms)
         amax = max(abs(self.act.qmin), self.act.qmax)
-        exact_int = x.device.type == "cpu"
         itype = torch.int32 if n * amax * max(wmax, 1) < 2**31 - 1 else torch.int64
-        optype = itype if exact_int else torch.float64
-        cols = F.pad(cols.to(optype), (0, 0, 0, S * n - R)).reshape(B, S, n, L).permute(1, 2, 0, 3).reshape(S, n, B * L)
-        acc = torch.zeros(K, B * L, dtype=torch.float64, device=x.device)
-        for t in range(self._active):
-            codes, scales = self.term(t)
-            T = F.pad(self.layout.rows(codes).to(optype), (0, S * n - R)).reshape(K, S, n).permute(1, 0, 2)
-            P = torch.bmm(T.contiguous(), cols)  # (S, K, B*L): exact integer dot products per group
-            alpha = self.layout.row_scales(scales).to(torch.float64).t()  # (S, K)
-            acc += (alpha[:, :, None] * P.to(torch.float64)).sum(0)
+        optype = itype if x.device.type == "cpu" else torch.float64
+        X = cols.to(optype).reshape(R, B * L)
+        if S * n > R:  # zero-padded last segment (remainder="partial")
+            X = torch.cat([X, X.new_zeros(S * n - R, B * L)])
+        X = X.reshape(S, n, B * L)
+        # All active terms in one batched integer matmul: (S, terms*K, n) @ (S, n, B*L).
+        T = torch.cat([F.pad(self.layout.rows(c).to(optype), (0, S * n - R)).reshape(K, S, n) for c, _ in terms])
+        Tb = T.permute(1, 0, 2).contiguous()  # (S, terms*K, n)
+        alpha = torch.cat([self.layout.row_scales(sc).to(torch.float64) for _, sc in terms]).t()  # (S, terms*K)
+        acc = torch.empty(K, B * L, dtype=torch.float64, device=x.device)
+        # Column blocks keep the (S, terms*K, block) partial sums small enough to stay in cache.
+        block = max(256, (1 << 18) // max(S * Tb.shape[1], 1))
+        for c0 in range(0, B * L, block):
+            P = torch.bmm(Tb, X[:, :, c0:c0 + block])  # exact integer sums per group
+            # One multiply by the group scale per group, term and output; summed over groups and terms in float64.
+            acc[:, c0:c0 + block] = torch.einsum("sk,skl->kl", alpha, P.to(torch.float64)).reshape(
+                len(terms), K, -1).sum(0)
         y = (acc * float(self.act.scale)).to(torch.float32)
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)[:, None]

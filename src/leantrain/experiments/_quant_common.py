@@ -1,0 +1,120 @@
+"""FP32 models that the quantization experiments convert, trained once and cached.
+
+``fgq-group-size``, ``cluster-ternary`` and ``ternary-residual`` all start from the same trained
+FP32 networks (as the papers start from pretrained ImageNet models). :func:`pretrained` trains a
+model on first use and caches its weights atomically under ``leantrain.data.bundled.cache_dir()``
+(``quant-pretrained/<key>.pt``, keyed by every setting that changes the result), so the three
+experiments, and later runs, share one training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leantrain.data import Split, load_dataset
+from leantrain.data.bundled import cache_dir
+from leantrain.models import build, model_spec
+from leantrain.storage import load_torch, save_torch
+from leantrain.train import evaluate, fit
+
+__all__ = ["Pretrained", "pretrained", "SETUPS", "measure", "weight_error", "spearman"]
+
+_VERSION = 1
+
+# Per profile: model, data set, training recipe. The synthetic images are made harder (pixel noise 2.5,
+# 16x16) than the defaults so that FP32 is not at 100% and quantization losses are visible.
+SETUPS: dict[str, dict[str, dict[str, Any]]] = {
+    "resnet20-synthimages": {
+        "quick": {"model": "resnet20", "model_kwargs": {"width": 8, "in_channels": 3, "num_classes": 10},
+                  "data": "synthimages", "data_kwargs": {"n_train": 4000, "n_test": 1000, "size": 16, "noise": 2.5},
+                  "epochs": 8, "batch_size": 64, "lr": 0.1},
+        "full": {"model": "resnet20", "model_kwargs": {"width": 16, "in_channels": 3, "num_classes": 10},
+                 "data": "synthimages", "data_kwargs": {"n_train": 10000, "n_test": 2000, "size": 32, "noise": 2.5},
+                 "epochs": 20, "batch_size": 64, "lr": 0.1},
+    },
+    "lenet-digits": {
+        "quick": {"model": "lenet", "model_kwargs": {"in_channels": 1, "num_classes": 10}, "data": "digits",
+                  "data_kwargs": {}, "epochs": 20, "batch_size": 32, "lr": 0.05},
+        "full": {"model": "lenet", "model_kwargs": {"in_channels": 1, "num_classes": 10}, "data": "digits",
+                 "data_kwargs": {}, "epochs": 40, "batch_size": 32, "lr": 0.05},
+    },
+}
+
+
+@dataclass
+class Pretrained:
+    """A trained FP32 model with its data, spec, test metrics and training recipe."""
+
+    model: nn.Module
+    data: Split
+    spec: dict[str, Any]
+    fp32: dict[str, float]
+    setup: dict[str, Any]
+    cached: bool
+
+
+def _key(name: str, setup: dict[str, Any], seed: int) -> str:
+    blob = json.dumps({"name": name, "setup": setup, "seed": seed, "v": _VERSION}, sort_keys=True)
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def pretrained(name: str, profile: str, *, seed: int = 0, device: str = "cpu", cache: Path | None = None) -> Pretrained:
+    """The FP32 model ``name`` for ``profile`` (trained with SGD + one-cycle LR on first use, then cached)."""
+    if name not in SETUPS:
+        raise ValueError(f"pretrained model must be one of {sorted(SETUPS)}, got {name!r}")
+    setup = SETUPS[name][profile]
+    data = load_dataset(setup["data"], **setup["data_kwargs"])
+    spec = model_spec(setup["model"], **setup["model_kwargs"])
+    path = (cache or cache_dir() / "quant-pretrained") / f"{_key(name, setup, seed)}.pt"
+    model = build(spec["name"], **spec["kwargs"])
+    if path.is_file():
+        try:
+            state = load_torch(path)
+            model.load_state_dict(state["model"])
+            return Pretrained(model.to(device).eval(), data, spec, state["fp32"], setup, True)
+        except (ValueError, KeyError, RuntimeError):
+            pass  # unreadable or stale cache entry: retrain and overwrite
+    torch.manual_seed(seed)
+    model = build(spec["name"], **spec["kwargs"])
+    opt = torch.optim.SGD(model.parameters(), lr=setup["lr"], momentum=0.9, weight_decay=5e-4)
+    steps = setup["epochs"] * ((len(data.train) + setup["batch_size"] - 1) // setup["batch_size"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=setup["lr"], total_steps=steps)
+    fit(model, opt, nn.functional.cross_entropy, data.train, epochs=setup["epochs"], batch_size=setup["batch_size"],
+        seed=seed, device=device, scheduler=sched, eval_train=False, progress=True)
+    model.eval()
+    fp32 = evaluate(model, nn.functional.cross_entropy, data.test, device=device)
+    save_torch(path, {"model": model.state_dict(), "model_spec": spec, "fp32": fp32, "setup": setup})
+    return Pretrained(model, data, spec, fp32, setup, False)
+
+
+def weight_error(qmodel: Any) -> float:
+    """Relative weight error over all quantized layers: ``sqrt(sum ||W - W_hat||^2 / sum ||W||^2)``."""
+    num = den = 0.0
+    for layer in qmodel.quant_layers().values():
+        w = layer.weight.detach().double()
+        num += float((w - layer.weight_hat().double()).square().sum())
+        den += float(w.square().sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def measure(qmodel: Any, pre: Pretrained, device: str = "cpu") -> dict[str, float]:
+    """Test accuracy/loss, multiplications replaced, weight memory and weight error of a converted model."""
+    res = evaluate(qmodel, nn.functional.cross_entropy, pre.data.test, device=device)
+    s = qmodel.summary()
+    return {"accuracy": res["accuracy"], "loss": res["loss"], "drop_points": 100 * (pre.fp32["accuracy"] - res["accuracy"]),
+            "mults_replaced": s["mults_replaced"], "mults_replaced_quantized_layers": s["mults_replaced_quantized_layers"],
+            "mem_quant_bytes": s["mem_quant_bytes"], "mem_fp32_bytes": s["mem_fp32_bytes"], "weight_error": weight_error(qmodel)}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
