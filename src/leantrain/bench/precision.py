@@ -1,0 +1,75 @@
+"""Benchmark ``precision``: one CNN training step under each emulated policy, as a ratio to the FP32 step.
+
+Every row times a full SGD step (forward, backward, update) of the same ResNet on the same batch: the
+candidate is a copy of the model emulated under one policy, the baseline the plain FP32 model,
+interleaved in one run (:func:`leantrain.bench.compare`). A last row times native
+``torch.autocast(dtype=torch.bfloat16)`` (real BF16 kernels where the hardware has them) against the same
+FP32 step, as a reference point for what emulation costs beyond native low precision.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from leantrain.bench import check, compare
+from leantrain.models import resnet20
+from leantrain.precision import emulate, policy_names
+from leantrain.registry import benchmark
+
+BOUNDS = {"bf16": 1.5, "dfp16": 5.0}
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool = False) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.functional.cross_entropy
+    dev = x.device.type
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        if autocast:
+            with torch.autocast(device_type=dev, dtype=torch.bfloat16):
+                loss = loss_fn(model(x), y)
+        else:
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+@benchmark("precision", description="ResNet training step under each precision policy vs the FP32 step "
+                                    "(and native torch.autocast bf16 as a reference)")
+def run(quick: bool = False, device: str = "cpu") -> dict:
+    torch.manual_seed(0)
+    width, batch, depth = (8, 32, 8) if quick else (16, 64, 20)
+    base = resnet20(width=width, depth=depth).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    fp32_step = _step_fn(base, x, y)
+    rows, checks = [], []
+    repeats = 3 if quick else 7
+    names = [n for n in policy_names() if n != "fp16-scaled"]  # same GEMM numerics as fp16; scaling is ~free
+    for name in names:
+        model = emulate(copy.deepcopy(base), name)
+        row = compare(f"{name} step", _step_fn(model, x, y), fp32_step, baseline_name="fp32 step (unwrapped)",
+                      repeats=repeats, min_sample_s=0.1 if quick else 0.3, device=device)
+        row["policy"] = name
+        rows.append(row)
+        if name in BOUNDS:
+            checks.append(check(f"{name} step / fp32 step", row["ratio"], "<=", BOUNDS[name]))
+    try:
+        native = _step_fn(copy.deepcopy(base), x, y, autocast=True)
+        native()
+        row = compare("native torch.autocast bf16 step", native, fp32_step, baseline_name="fp32 step (unwrapped)",
+                      repeats=repeats, min_sample_s=0.1 if quick else 0.3, device=device)
+        row["policy"] = "autocast-bf16"
+        rows.append(row)
+    except RuntimeError as err:  # autocast to bf16 unsupported on this device
+        rows.append({"name": "native torch.autocast bf16 step", "skipped": str(err)})
+    return {"rows": rows, "checks": checks,
+            "setup": {"model": f"resnet{depth} width {width}", "batch": batch, "input": [3, 32, 32],
+                      "threads": torch.get_num_threads()}}

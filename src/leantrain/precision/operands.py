@@ -1,0 +1,123 @@
+"""Rounding of GEMM operands for one wrapped layer, by the policy's specs, with instrumentation.
+
+:class:`LayerNumerics` is what an emulated layer holds: its name, the :class:`Policy`, an optional
+:class:`Recorder` and the random generators for stochastic rounding. Its methods apply one
+:class:`FloatSpec` or :class:`DFPSpec` to a tensor through the project's single rounding routine
+(:func:`leantrain.numerics.quantize`, :func:`leantrain.numerics.to_dfp`) and run integer GEMMs
+through :func:`leantrain.numerics.int_matmul`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from leantrain.numerics import int_matmul, quantize, to_dfp
+from leantrain.precision.instrument import Recorder
+from leantrain.precision.policy import DFPSpec, FloatSpec, IntAccumulator, Policy
+
+__all__ = ["RandomStreams", "LayerNumerics"]
+
+
+class RandomStreams:
+    """One ``torch.Generator`` per device for stochastic rounding, seeded from ``seed``.
+
+    Stochastic rounding draws its uniforms from these generators, never from the global RNG, so an
+    emulated run with ``bf16-sr`` consumes exactly the same global random numbers (dropout, data
+    order) as an FP32 run, and its own stream is checkpointed by :meth:`state_dict`.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+        self._gens: dict[str, torch.Generator] = {}
+
+    def get(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._gens:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._gens[key] = g
+        return self._gens[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "states": {k: g.get_state() for k, g in self._gens.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self._gens = {}
+        for key, st in state["states"].items():
+            self.get(torch.device(key)).set_state(st)
+
+
+def _pow2_scale(x: torch.Tensor, fmt_max: float) -> torch.Tensor:
+    """``2**floor(log2(fmt_max / amax))`` as a 0-dim float32 tensor (1 when amax is 0 or not finite)."""
+    amax = x.detach().abs().amax().float()
+    ok = torch.isfinite(amax) & (amax > 0)
+    e = torch.floor(torch.log2(fmt_max / torch.where(ok, amax, torch.ones_like(amax))))
+    # Clamp so that the scale itself is a normal float32 power of two.
+    return torch.where(ok, torch.exp2(e.clamp(-126, 126)), torch.ones_like(amax))
+
+
+@dataclass
+class LayerNumerics:
+    """The numerics of one emulated layer: ``name`` (its qualified module name), ``policy``,
+    ``recorder`` (or None) and ``streams`` (stochastic-rounding generators, shared by the model)."""
+
+    name: str
+    policy: Policy
+    recorder: Recorder | None = None
+    streams: RandomStreams = field(default_factory=RandomStreams)
+    training: bool = True
+
+    def recording(self) -> bool:
+        return self.training and self.recorder is not None and self.recorder.active
+
+    def _gen(self, t: torch.Tensor, rounding: str) -> torch.Generator | None:
+        return self.streams.get(t.device) if rounding == "stochastic" else None
+
+    def round(self, t: torch.Tensor, spec: FloatSpec | DFPSpec | None, tensor: str) -> torch.Tensor:
+        """``t`` rounded by ``spec`` as a float32 tensor of exactly representable values
+        (``spec=None``: ``t`` itself; a DFP spec: ``mantissas * 2**exponent``)."""
+        if spec is None:
+            return t
+        if isinstance(spec, DFPSpec):
+            m, e = self.dfp(t, spec, tensor)
+            return torch.ldexp(m, torch.tensor(e, dtype=torch.int32, device=m.device)) if e else m.clone()
+        fmt = spec.format
+        if spec.scaling == "tensor":
+            s = _pow2_scale(t, fmt.max_normal)
+            q = quantize(t * s, fmt, spec.rounding, generator=self._gen(t, spec.rounding)) / s
+            if self.recording():
+                s_val = float(s)
+                self.recorder.observe(self.name, tensor, t, q, max_value=fmt.max_normal / s_val,  # type: ignore[union-attr]
+                                      min_normal=fmt.min_normal / s_val if fmt.subnormals else None)
+            return q
+        q = quantize(t, fmt, spec.rounding, generator=self._gen(t, spec.rounding))
+        if self.recording():
+            self.recorder.observe(self.name, tensor, t, q, max_value=fmt.max_normal,  # type: ignore[union-attr]
+                                  min_normal=fmt.min_normal if fmt.subnormals else None)
+        return q
+
+    def dfp(self, t: torch.Tensor, spec: DFPSpec, tensor: str) -> tuple[torch.Tensor, int]:
+        """DFP conversion of ``t``: integer mantissas held exactly in a float32 tensor, and the
+        shared exponent as a Python int (value = mantissa * 2**exponent)."""
+        m, e = to_dfp(t, spec.bits, rounding=spec.rounding, generator=self._gen(t, spec.rounding))
+        mf = m.to(torch.float32)
+        exp = int(e)
+        if self.recording():
+            q = torch.ldexp(mf, torch.tensor(exp, dtype=torch.int32, device=mf.device))
+            top = float((1 << (spec.bits - 1)) - 1) * 2.0**exp
+            self.recorder.observe(self.name, tensor, t, q, max_value=top, min_normal=None, exponent=exp)  # type: ignore[union-attr]
+        return mf, exp
+
+    def int_gemm(self, a: torch.Tensor, b: torch.Tensor, scale_exp: int, gemm: str) -> torch.Tensor:
+        """``(a @ b) * 2**scale_exp`` for integer-valued float32 ``a`` (M, K) and ``b`` (K, N), with the
+        products accumulated by the policy's :class:`IntAccumulator` (chunks, overflow rule)."""
+        acc = self.policy.accumulator
+        assert isinstance(acc, IntAccumulator)
+        out, stats = int_matmul(a, b, acc_bits=acc.bits, chunk=acc.chunk, overflow=acc.overflow)
+        if self.recording():
+            self.recorder.observe_accumulator(self.name, gemm, stats["sums"], stats["overflows"])  # type: ignore[union-attr]
+        return torch.ldexp(out.to(torch.float32), torch.tensor(scale_exp, dtype=torch.int32, device=out.device))
