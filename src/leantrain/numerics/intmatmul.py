@@ -22,6 +22,19 @@ For symmetric ``bits``-bit operands (``A = B = 2^(bits-1) - 1``, as DFP produces
 INT16 -> c = 2, INT12 -> 512, INT8 -> 133144. Real data is far from this worst case; the stats show how often
 overflow actually happens.
 
+Fast path (``events=False``, ``overflow="wrap"``): a wrapping register ends at ``wrap(exact chunk sum)`` whatever
+happens on the way (two's-complement addition is associative modulo ``2^acc_bits``), so only the exact chunk
+sums are needed, not the sequence of partial sums. For operands with ``|a|, |b| < 2^15`` (DFP16 mantissas)
+they come from float32 GEMMs, exactly: each operand is split into 8-bit pieces ``a = 256 a_h + a_l``
+(``a_l`` in [0, 256), ``|a_h| <= 128``), every piece product is below ``2^16`` in magnitude, so the sum of
+at most 256 of them stays below ``2^24`` and every partial sum of a float32 GEMM over such a block is an
+exactly representable integer, in any summation order. Four batched float32 GEMMs per block and an exact
+float64 recombination ``2^16 HH + 2^8 (HL + LH) + LL`` give the block sums; blocks are summed exactly in float64
+into chunk sums. ``stats["wrapped_outputs"]`` then counts registers whose exact sum left the range (their
+result wrapped, i.e. is wrong); transient excursions that come back into range are harmless under wrap and
+are not counted (``overflow_events`` is None). Otherwise (``events=True``, the default) the exact
+emulation below runs.
+
 Implementation: exact sums come from a float64 GEMM (exact while ``K A B < 2^53``). A pre-check with exact
 float64 GEMMs over segments of 32 along k bounds every partial sum; only outputs with a possible overflow are
 emulated: exact int64 prefix sums ``S_k`` and the wrap count ``w_k = floor((S_k - lo) / 2^acc_bits)``; the
@@ -136,6 +149,68 @@ def _accumulate(a: torch.Tensor, b: torch.Tensor, acc_bits: int, overflow: str) 
     return reg, events, exact
 
 
+_PIECE_BLOCK = 256  # 8-bit piece products are < 2^16: 256 of them sum exactly in float32 (< 2^24)
+
+
+def _block_len(c: int) -> int:
+    """Largest divisor of the chunk length ``c`` that is <= _PIECE_BLOCK (blocks never straddle chunks)."""
+    if c <= _PIECE_BLOCK:
+        return c
+    return max(d for d in range(1, _PIECE_BLOCK + 1) if c % d == 0)
+
+
+def _exact_chunk_sums(a2: torch.Tensor, b: torch.Tensor, c: int) -> torch.Tensor:
+    """Exact sums of each length-``c`` chunk of the reduction, float64 (n_chunks, M, N), for |a|, |b| < 2^15."""
+    m_, k_ = a2.shape
+    n_ = b.shape[1]
+    c = min(c, k_)  # a chunk longer than K is one chunk of K
+    blk = _block_len(c)
+    nch = (k_ + c - 1) // c
+    kp = nch * c
+    if kp != k_:  # pad K with zeros to whole chunks (zeros add nothing)
+        a2 = torch.nn.functional.pad(a2, (0, kp - k_))
+        b = torch.nn.functional.pad(b, (0, 0, 0, kp - k_))
+    # 8-bit pieces by arithmetic shift (floor division) and mask: a = 256 * a_h + a_l, 0 <= a_l < 256
+    ai, bi = a2.to(torch.int32), b.to(torch.int32)
+    ah, al = (ai >> 8).to(torch.float32), (ai & 255).to(torch.float32)
+    bh, bl = (bi >> 8).to(torch.float32), (bi & 255).to(torch.float32)
+    nb = kp // blk
+
+    def blocks(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if nb == 1:
+            return (x @ y).to(torch.float64).unsqueeze(0)
+        # (nb, M, blk) @ (nb, blk, N): one exact float32 GEMM per block
+        return torch.bmm(x.reshape(m_, nb, blk).transpose(0, 1), y.reshape(nb, blk, n_)).to(torch.float64)
+
+    sums = blocks(ah, bh) * 65536.0 + (blocks(ah, bl) + blocks(al, bh)) * 256.0 + blocks(al, bl)
+    if blk == c:
+        return sums
+    return sums.reshape(nch, c // blk, m_, n_).sum(dim=1)  # exact: |sums| < 2^53
+
+
+def _wrap_fast(a2: torch.Tensor, b: torch.Tensor, c: int, acc_bits: int, chunk: int | None, lead: torch.Size,
+               m_: int, n_: int, k_: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The ``events=False`` wrap path (module doc): registers = wrap(exact chunk sums)."""
+    sums = _exact_chunk_sums(a2, b, c)
+    lo, hi = -(2 ** (acc_bits - 1)), 2 ** (acc_bits - 1) - 1
+    out_of_range = (sums < lo) | (sums > hi)
+    n_wrapped = int(out_of_range.sum())
+    # float64 remainder is exact for these integers (|sums| < 2^53)
+    regs = torch.remainder(sums - lo, 2.0**acc_bits) + lo if n_wrapped else sums
+    if chunk is None:
+        result = regs[0].to(torch.int32 if acc_bits <= 32 else torch.int64)
+    else:
+        r32 = regs.to(torch.float32)
+        result = r32[0]
+        for r in r32[1:]:
+            result = result + r  # float32 accumulation across chunks, in order
+    stats = {"overflow_events": None, "overflowed_outputs": None, "wrapped_outputs": n_wrapped,
+             "accumulations": m_ * n_ * k_, "chunks": int(sums.shape[0]),
+             "max_abs_exact": int(sums.abs().max()) if sums.numel() else 0, "acc_bits": acc_bits, "chunk": chunk,
+             "overflow_rate": None, "registers": int(sums.numel())}
+    return result.reshape(*lead, m_, n_), stats
+
+
 def int_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -143,6 +218,7 @@ def int_matmul(
     acc_bits: int = 32,
     chunk: int | None = None,
     overflow: str = "wrap",
+    events: bool = True,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``a @ b`` for integer tensors with an ``acc_bits``-bit accumulator, emulated exactly (module doc).
 
@@ -152,6 +228,9 @@ def int_matmul(
         acc_bits: accumulator width, 2..62.
         chunk: None (one register per output over all of K) or the chunk length along K (module doc).
         overflow: ``"wrap"``, ``"saturate"`` or ``"error"`` (raise ``OverflowError`` on the first event).
+        events: count every overflow event (exact sequential emulation). ``False`` with ``overflow="wrap"`` and
+            operands below ``2^15`` in magnitude takes the fast path of the module doc (same result; stats count
+            ``wrapped_outputs`` and ``registers`` instead of events).
 
     Returns:
         ``(result, stats)``: ``result`` is the integer register (int32 if ``acc_bits <= 32`` else int64),
@@ -172,11 +251,14 @@ def int_matmul(
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     lead, (m_, k_), n_ = a.shape[:-2], a.shape[-2:], b.shape[1]
     a2 = a.reshape(-1, k_)
-    amax = int(a2.to(torch.int64).abs().max()) if a2.numel() else 0  # int64 first: |-2^15| overflows int16
-    bmax = int(b.to(torch.int64).abs().max()) if b.numel() else 0
+    # |min| via Python ints: abs() in the operand dtype would overflow for its most negative value
+    amax = max(abs(int(v)) for v in a2.aminmax()) if a2.numel() else 0
+    bmax = max(abs(int(v)) for v in b.aminmax()) if b.numel() else 0
     if k_ * amax * bmax >= 2**53:
         raise ValueError(f"operands too wide for exact emulation: K*max|a|*max|b| = {k_ * amax * bmax} >= 2^53")
     c = k_ if chunk is None else chunk
+    if not events and overflow == "wrap" and amax < 2**15 and bmax < 2**15 and k_ > 0:
+        return _wrap_fast(a2, b, c, acc_bits, chunk, lead, m_, n_, k_)
     starts = list(range(0, k_, c)) or [0]
     regs, total_events, outputs_hit, max_exact = [], 0, 0, 0
     for s in starts:

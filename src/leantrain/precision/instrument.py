@@ -14,8 +14,10 @@ and counts per (step, layer, tensor):
 - ``nonfinite``: values already Inf/NaN before rounding;
 - ``exponent``: the shared DFP exponent chosen for the tensor (DFP only);
 
-and for every integer GEMM ``acc_overflows`` (accumulations that left the accumulator's range) and
-``acc_sums`` (accumulations performed). Tensor names are ``x``, ``w``, ``dy`` (one rounding shared by
+and for every integer GEMM ``acc_sums`` (accumulator registers used: outputs x chunks) and ``acc_overflows``
+(registers whose exact sum left the accumulator's range: with wrap-around their result is wrong; with
+``overflow="saturate"`` the exact per-addition overflow events are counted instead, see
+:func:`leantrain.numerics.int_matmul`). Tensor names are ``x``, ``w``, ``dy`` (one rounding shared by
 the GEMMs that consume it) or ``x@backward_weight``, ``w@backward_data``, ``dy@backward_weight`` when
 a GEMM rounds its own copy with a different spec. Integer GEMMs are ``gemm:forward``,
 ``gemm:backward_data``, ``gemm:backward_weight``.

@@ -84,7 +84,7 @@ class LayerNumerics:
             return t
         if isinstance(spec, DFPSpec):
             m, e = self.dfp(t, spec, tensor)
-            return torch.ldexp(m, torch.tensor(e, dtype=torch.int32, device=m.device)) if e else m.clone()
+            return _ldexp(m, e)
         fmt = spec.format
         if spec.scaling == "tensor":
             s = _pow2_scale(t, fmt.max_normal)
@@ -101,23 +101,40 @@ class LayerNumerics:
         return q
 
     def dfp(self, t: torch.Tensor, spec: DFPSpec, tensor: str) -> tuple[torch.Tensor, int]:
-        """DFP conversion of ``t``: integer mantissas held exactly in a float32 tensor, and the
-        shared exponent as a Python int (value = mantissa * 2**exponent)."""
-        m, e = to_dfp(t, spec.bits, rounding=spec.rounding, generator=self._gen(t, spec.rounding))
+        """DFP conversion of ``t`` (:func:`leantrain.numerics.to_dfp`, one exponent per tensor): the integer
+        mantissas held exactly in a float32 tensor (|m| < 2^24), and the shared exponent as a Python int
+        (value = mantissa * 2**exponent)."""
+        m, e = to_dfp(t.detach(), spec.bits, rounding=spec.rounding, generator=self._gen(t, spec.rounding))
         mf = m.to(torch.float32)
         exp = int(e)
         if self.recording():
-            q = torch.ldexp(mf, torch.tensor(exp, dtype=torch.int32, device=mf.device))
-            top = float((1 << (spec.bits - 1)) - 1) * 2.0**exp
+            q = _ldexp(mf, exp)
+            top = _ldexp(torch.tensor(float((1 << (spec.bits - 1)) - 1)), exp).item()
             self.recorder.observe(self.name, tensor, t, q, max_value=top, min_normal=None, exponent=exp)  # type: ignore[union-attr]
         return mf, exp
 
     def int_gemm(self, a: torch.Tensor, b: torch.Tensor, scale_exp: int, gemm: str) -> torch.Tensor:
-        """``(a @ b) * 2**scale_exp`` for integer-valued float32 ``a`` (M, K) and ``b`` (K, N), with the
-        products accumulated by the policy's :class:`IntAccumulator` (chunks, overflow rule)."""
+        """``(a @ b) * 2**scale_exp`` for integer-valued float32 ``a`` (M, K) and ``b`` (K, N), the products
+        accumulated exactly as the policy's :class:`IntAccumulator` does (:func:`leantrain.numerics.int_matmul`:
+        chunks, overflow rule), the result rescaled to float32."""
         acc = self.policy.accumulator
         assert isinstance(acc, IntAccumulator)
-        out, stats = int_matmul(a, b, acc_bits=acc.bits, chunk=acc.chunk, overflow=acc.overflow)
+        # events=False: with wrap-around only the exact chunk sums matter (fast exact path of int_matmul);
+        # the stats then count registers whose sum left the accumulator range (wrong results).
+        wide = max(s.bits for g in self.policy.gemms().values() for s in (g.a, g.b) if isinstance(s, DFPSpec))
+        dt = torch.int16 if wide <= 16 else torch.int32
+        out, stats = int_matmul(a.to(dt), b.to(dt), acc_bits=acc.bits, chunk=acc.chunk,
+                                overflow=acc.overflow, events=False)
         if self.recording():
-            self.recorder.observe_accumulator(self.name, gemm, stats["sums"], stats["overflows"])  # type: ignore[union-attr]
-        return torch.ldexp(out.to(torch.float32), torch.tensor(scale_exp, dtype=torch.int32, device=out.device))
+            if stats.get("wrapped_outputs") is not None:
+                regs, bad = stats["registers"], stats["wrapped_outputs"]
+            else:  # saturate / error / wide operands: exact event emulation
+                regs, bad = stats["accumulations"], stats["overflow_events"]
+            self.recorder.observe_accumulator(self.name, gemm, regs, bad)  # type: ignore[union-attr]
+        return _ldexp(out.to(torch.float32), scale_exp)
+
+
+def _ldexp(x: torch.Tensor, e: int) -> torch.Tensor:
+    """``x * 2**e`` exactly (two power-of-two factors, so neither over- nor underflows float32 on its own)."""
+    h = e // 2
+    return x * (2.0 ** h) * (2.0 ** (e - h))
