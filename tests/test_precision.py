@@ -233,7 +233,7 @@ def test_loss_scaler_skips_on_injected_inf_and_recovers() -> None:
     p.grad[1] = float("inf")
     assert scaler.step(opt) is False
     assert torch.equal(p.detach(), torch.ones(3)) and scaler.skipped == 1 and scaler.scale == 512.0
-    for k in range(2):
+    for _ in range(2):
         opt.zero_grad()
         scaler.scale_loss((p * 2).sum()).backward()
         assert scaler.step(opt) is True
@@ -391,3 +391,23 @@ def test_dcgan_generator_emulates_under_every_policy() -> None:
         out = gen(z)
         out.sum().backward()
         assert out.shape == (4, 1, 8, 8) and all(torch.isfinite(p.grad).all() for p in gen.parameters())
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 64, 300])
+def test_int_matmul_fast_wrap_path_equals_exact_emulation(chunk) -> None:
+    from leantrain.numerics import int_matmul
+
+    g = torch.Generator().manual_seed(13)
+    a = torch.randint(-32767, 32768, (9, 513), dtype=torch.int16, generator=g)
+    b = torch.randint(-32767, 32768, (513, 6), dtype=torch.int16, generator=g)
+    a[:4] = a[:4].abs()  # same-signed rows and columns: sums leave the INT32 range
+    b[:, :3] = b[:, :3].abs()
+    exact, s1 = int_matmul(a, b, chunk=chunk)
+    fast, s2 = int_matmul(a, b, chunk=chunk, events=False)
+    assert fast.dtype == exact.dtype and torch.equal(fast, exact)
+    # registers whose exact chunk sum leaves the range, from an int64 reference
+    c = chunk or 513
+    sums = torch.stack([(a[:, s:s + c].long() @ b[s:s + c].long()) for s in range(0, 513, c)])
+    assert s2["wrapped_outputs"] == int(((sums < -2**31) | (sums > 2**31 - 1)).sum()) and s2["overflow_events"] is None
+    if chunk is None:
+        assert s2["wrapped_outputs"] > 0
