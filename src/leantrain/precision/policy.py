@@ -150,7 +150,7 @@ class IntAccumulator:
     """
 
     bits: int = 32
-    chunk: int | None = 256
+    chunk: int | None = 8
     overflow: Literal["wrap", "saturate", "error"] = "wrap"
 
     def __post_init__(self) -> None:
@@ -310,9 +310,10 @@ def _named() -> dict[str, Policy]:
         "fp8": _float_policy("fp8", e4m3, e5m2),
         # DFP16: activations and weights rounded to nearest; output gradients stochastically, which
         # keeps small gradients unbiased under the shared exponent (the paper's choice was not
-        # recovered, see docs/precision.md). INT32 accumulation in chunks of 256 products.
+        # recovered, see docs/precision.md). INT32 accumulation in chunks of 8 products: the longest chunk
+        # with no wrapped register in dfp16-vision's measurement (the paper's block length was not recovered).
         "dfp16": Policy("dfp16", forward=Gemm(dfp, dfp), backward_data=Gemm(dfp_sr, dfp),
-                        backward_weight=Gemm(dfp, dfp_sr), accumulator=IntAccumulator(32, 256, "wrap")),
+                        backward_weight=Gemm(dfp, dfp_sr), accumulator=IntAccumulator(32, 8, "wrap")),
     }
 
 
