@@ -38,7 +38,7 @@ from leantrain.optim.pbqn import PBQN
 from leantrain.optim.problems import Problem, make_problem
 from leantrain.optim.sampler import ProgressiveSampler
 
-__all__ = ["Trace", "run_pbqn", "run_dance", "run_newton_cg", "run_sgd", "run_adam", "tune_sgd", "run_lbfgs",
+__all__ = ["Trace", "run_pbqn", "run_dance", "compare_iterates", "run_newton_cg", "run_sgd", "run_adam", "tune_sgd", "run_lbfgs",
            "run_method", "run_dance_distributed", "METHODS", "SGD_GRID"]
 
 METHODS = ("pbqn", "dance", "sgd", "adam", "lbfgs", "newton-cg")
@@ -141,8 +141,10 @@ def run_dance(problem: Problem, *, initial_samples: int = 128, growth: float = 2
     rec = _Recorder(problem, trace, stop) if rank == 0 else None
     if rec is not None:
         rec(0.0, stage=0, n=opt.stage_size, cg_iterations=0, comm_rounds=0, comm_bytes=0)
+    trace.info["cg_per_step"] = []
     for _ in range(max_iterations):
         opt.step(closure)
+        trace.info["cg_per_step"].append((opt.counters["stages"], opt.counters["cg_iterations"]))
         if trace.iterates is not None:
             trace.iterates.append(problem.flat_weights().clone())
         last = opt.log[-1]
@@ -162,6 +164,29 @@ def run_dance(problem: Problem, *, initial_samples: int = 128, growth: float = 2
     trace.info["log"] = opt.log
     trace.weights = problem.weights() if problem.convex else None
     return trace
+
+
+def compare_iterates(a: Trace, b: Trace) -> dict[str, Any]:
+    """Compare two DANCE runs kept with ``keep_iterates`` (e.g. 1 process and K processes).
+
+    Different summation orders can flip a discrete decision (a CG iteration more or less) when a
+    residual lands within rounding of its tolerance; from there on the runs legitimately differ
+    by up to the optimization tolerance. Returns ``first_divergence`` (index of the first step
+    whose stage or cumulative CG count differs, None if none), ``max_rel_before`` (largest relative
+    iterate difference up to and including the iterate produced just before it), ``final_rel``
+    (relative difference of the final iterates) and ``steps`` compared.
+    """
+    if a.iterates is None or b.iterates is None:
+        raise ValueError("both traces need keep_iterates=True")
+    ca, cb = a.info["cg_per_step"], b.info["cg_per_step"]
+    first = next((i for i, (x, y) in enumerate(zip(ca, cb)) if x != y), None)
+    if first is None and len(ca) != len(cb):
+        first = min(len(ca), len(cb))
+    upto = (min(len(a.iterates), len(b.iterates)) if first is None else first + 1)
+    scale = max(float(w.abs().max()) for w in a.iterates) or 1.0
+    before = max(float((x - y).abs().max()) for x, y in zip(a.iterates[:upto], b.iterates[:upto])) / scale
+    final = float((a.iterates[-1] - b.iterates[-1]).abs().max()) / scale
+    return {"first_divergence": first, "max_rel_before": before, "final_rel": final, "steps": upto}
 
 
 def run_newton_cg(problem: Problem, **kwargs: Any) -> Trace:
