@@ -204,3 +204,16 @@ def test_dfp_matmul_matches_float64_product_of_the_dfp_operands():
     y1, st1 = dfp_matmul(x, w, 16)
     assert torch.equal(y1, exact.float()) or st1["overflow_events"] > 0
     assert float((y.double() - x.double() @ w.double()).abs().max()) < 1e-2 * float((x.double() @ w.double()).abs().max())
+
+
+def test_int_matmul_sparse_overflow_is_found_by_the_pre_check():
+    # DFP16 mantissas of Gaussian data: a few outputs overflow INT32 somewhere along k, most never do
+    x, w = _data(21, (12, 2000), 1), _data(22, (2000, 9), 1)
+    ix, _ = to_dfp(x, 16)
+    iw, _ = to_dfp(w, 16)
+    for acc_bits in (32, 30):
+        for mode in ("wrap", "saturate"):
+            r, st = int_matmul(ix, iw, acc_bits=acc_bits, overflow=mode)
+            ref, events = _sequential(ix.numpy(), iw.numpy(), acc_bits, mode, None)
+            assert st["overflow_events"] == events and (r.numpy() == ref).all()
+            assert 0 < st["overflowed_outputs"] < 12 * 9 or acc_bits == 30  # sparse at INT32 (8 of 108 here)
