@@ -367,7 +367,9 @@ class _NearestBlock:
         if self.sub or self.flush:
             small = a < self.min_normal_bits
             if self.sub:
-                f = a.view(torch.float32) + self.magic
+                # fp32 subnormal inputs round to 0 here (q/2 is a normal float32); lifting them to 2^-126 keeps
+                # the same result and spares the FPU its slow denormal-operand path.
+                f = torch.clamp(a, min=_HIDDEN).view(torch.float32) + self.magic
                 f -= self.magic
                 torch.where(small, f.view(torch.int32), o, out=o)
             else:
