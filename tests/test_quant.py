@@ -224,6 +224,14 @@ def test_activation_quantizer_round_trip_and_ranges() -> None:
     s = float(signed.scale)
     assert bool(signed.signed) and signed.qmin == -7 and math.log2(s) == round(math.log2(s))
     assert int(signed.codes(torch.tensor([1e6])).item()) == 7  # saturates
+    for bits, data in ((8, y), (8, y.abs()), (5, y * 1e-3)):
+        dfp = ActQuantizer(bits, pow2=True)
+        dfp.start_calibration()
+        dfp(data)
+        dfp.finish_calibration()
+        s, clip = float(dfp.scale), float(data.abs().max())
+        assert math.log2(s) == round(math.log2(s))  # a power of two: dynamic fixed point
+        assert dfp.qmax * s / 2 < clip <= dfp.qmax * s  # the smallest such exponent
     mse = ActQuantizer(4, method="mse")
     mse.start_calibration()
     mse(y)

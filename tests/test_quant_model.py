@@ -312,3 +312,40 @@ def test_cli_quantize_end_to_end_on_a_fit_checkpoint(tmp_path: Path, capsys: pyt
     assert main(["quantize", str(ckpt), "--group-size", "3", "--calibration", "digits", "--out", str(out)]) == 2
     assert "does not divide" in capsys.readouterr().err
     assert main(["quantize", str(ckpt), "--calibration", "synthimages", "--out", str(out)]) == 2
+
+
+def test_cli_quantize_on_a_leantrain_train_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from leantrain.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model", "lenet", "--dataset", "digits", "--model-arg", "width=8", "--epochs", "1",
+                 "--out", str(run_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "q.lt"
+    # No --calibration: the data set recorded in the checkpoint is used.
+    assert main(["quantize", str(run_dir / "checkpoint.pt"), "--group-size", "4", "--bn-recalibration",
+                 "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["config"]["grouping"] == "fgq:4" and out.stat().st_size == res["file_bytes"]
+    assert load_quantized(out)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_batchnorm_recalibration_matches_the_statistics_of_the_converted_network() -> None:
+    from leantrain.quant.convert import recalibrate_batchnorm
+
+    m, x, _ = _tiny_resnet()
+    # The stem BN sees the (quantized) stem convolution of the input alone, whatever the other BN layers do.
+    q = quantize_model(m, grouping="channel", calibration=x, act_bits=None, keep=None)
+    bn = q.model.bn
+    seen = []
+    handle = bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        q(x)  # eval mode: the input the BN layer sees in the converted network
+    handle.remove()
+    assert recalibrate_batchnorm(q.model, [x]) == sum(isinstance(mm, nn.BatchNorm2d) for mm in q.modules())
+    inp = seen[0].double()
+    assert torch.allclose(bn.running_mean.double(), inp.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var.double(), inp.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert not bn.training and bn.momentum == 0.1

@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-bits", type=int, default=8, help="activation bits, 0 = keep FP32 (default 8)")
     p.add_argument("--act-method", default="minmax", choices=["minmax", "percentile", "mse"],
                    help="activation clip calibration (default minmax)")
-    p.add_argument("--calibration", required=True, help="data set name for calibration and accuracy (e.g. digits)")
+    p.add_argument("--calibration", default=None,
+                   help="data set for calibration (training split) and accuracy (test split), e.g. digits "
+                        "(default: the data set recorded in the checkpoint by `leantrain train`)")
     p.add_argument("--calibration-batches", type=int, default=8, help="calibration batches of 128 (default 8)")
     p.add_argument("--keep", nargs="*", default=["first", "last"],
                    help="layers kept FP32: first, last and/or module names (default: first last)")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from leantrain.data import load_dataset
-    from leantrain.models import load_model
+    from leantrain.models import checkpoint_extra, load_model
     from leantrain.quant import add_residual_edges, finetune, quantize_model, save_quantized
     from leantrain.storage import load_torch
     from leantrain.train import evaluate
@@ -69,7 +71,16 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     spec = load_torch(args.checkpoint).get("model_spec")
     model = load_model(args.checkpoint).to(device).eval()
-    data = load_dataset(args.calibration)
+    extra = checkpoint_extra(args.checkpoint)
+    name = args.calibration or extra.get("dataset")
+    if not name:
+        raise ValueError("--calibration is required: the checkpoint does not record the data set it was trained on")
+    # The checkpoint's loader arguments (e.g. image size) apply when it names the same data set.
+    data_args = (extra.get("data_args") or {}) if extra.get("dataset") == name else {}
+    data = load_dataset(name, **data_args)
+    if data.info.task != "classification":
+        raise ValueError(f"data set {name!r} is a {data.info.task} task; quantize reports classification accuracy only")
+    args.calibration = name
     x0 = data.train.tensors[0][:2]
     try:
         model(x0.to(device))

@@ -17,6 +17,7 @@ from pathlib import Path
 from leantrain.experiments._quant_common import measure, pretrained
 from leantrain.plots import curves
 from leantrain.quant import add_residual_edges, quantize_model
+from leantrain.quant.residual import edges_within
 from leantrain.registry import Claim, Result, Table, experiment
 
 GROUPING = "fgq:64:partial"
@@ -24,20 +25,10 @@ BUDGETS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 MAX_TERMS = 4
 
 
-def _prefix(order, costs, base, budget: float) -> int:
-    spent, k = 0.0, 0
-    for name, _ in order:
-        if spent + costs[name] > budget * base * (1 + 1e-9):
-            break
-        spent += costs[name]
-        k += 1
-    return k
-
-
 def _curve(q, info, pre, device: str) -> list[dict]:
     rows = []
     for b in BUDGETS:
-        k = _prefix(info["edge_order"], info["costs"], info["base_cost"], b)
+        k, _ = edges_within(info["edge_order"], info["costs"], info["base_cost"], b)
         q.set_residuals(k)
         s = q.summary()
         mults = sum(r.mults for r in q.report() if r.status == "quantized")

@@ -12,8 +12,9 @@ the zero padding of a convolution, is code 0):
   fixed-point rule of arXiv:1701.08978), ``"percentile"`` the ``percentile``-th percentile of the
   magnitudes, ``"mse"`` the clip in ``{clip_max * j / 128, j = 8..128}`` minimising the mean squared
   quantization error on the calibration sample;
-- ``pow2=True`` rounds ``s`` up to a power of two: the codes are then dynamic fixed point numbers
-  ``q * 2^-f`` with one fractional length ``f = -log2 s`` per tensor.
+- ``pow2=True`` rounds ``s`` up to a power of two, ``s = 2^E`` with E from
+  :func:`leantrain.numerics.dfp_exponent` (the smallest E with ``clip <= qmax * 2^E``): the codes are
+  then dynamic fixed point numbers ``q * 2^E`` with one exponent per tensor, fixed by calibration.
 
 Values beyond the clip saturate to ``qmin``/``qmax``. NaN has no code: :meth:`codes` raises, the
 fake-quantized forward propagates it. In
@@ -28,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from leantrain.numerics import round_to_integer
+from leantrain.numerics import dfp_exponent, round_to_integer
 
 __all__ = ["ActQuantizer", "ACT_METHODS"]
 
@@ -120,7 +121,10 @@ class ActQuantizer(nn.Module):
         clip = clip if clip > 0 else 1.0  # all-zero activations: any scale gives code 0
         scale = clip / self.qmax
         if self.pow2:
-            scale = 2.0 ** math.ceil(math.log2(scale))
+            # The DFP exponent rule of leantrain.numerics: the smallest E with clip <= qmax * 2^E, where
+            # qmax = 2^(b'-1) - 1 for b' = bits (signed) or bits + 1 (unsigned: one more magnitude bit).
+            width = self.bits if bool(self.signed) else self.bits + 1
+            scale = 2.0 ** int(dfp_exponent(torch.tensor(clip, dtype=torch.float64), width))
         self.scale.fill_(scale)
         self.calibrated.fill_(True)
         self._samples = []

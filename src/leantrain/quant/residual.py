@@ -38,7 +38,7 @@ import torch
 from leantrain.quant.convert import QuantizedModel, calibration_inputs
 from leantrain.quant.layers import QuantLayer
 
-__all__ = ["add_residual_edges", "perturbation_sensitivity", "edge_costs", "SENSITIVITIES", "BUDGET_UNITS"]
+__all__ = ["add_residual_edges", "perturbation_sensitivity", "edge_costs", "edges_within", "SENSITIVITIES", "BUDGET_UNITS"]
 
 SENSITIVITIES: tuple[str, ...] = ("perturbation", "random")
 BUDGET_UNITS: tuple[str, ...] = ("size", "ops")
@@ -106,6 +106,17 @@ def edge_costs(qmodel: QuantizedModel, unit: str = "size") -> tuple[dict[str, fl
     return costs, sum(costs.values())
 
 
+def edges_within(order: list[tuple[str, int]], costs: dict[str, float], base: float, budget: float) -> tuple[int, float]:
+    """How many leading edges of ``order`` fit in ``budget * base`` (their costs summed), and what they cost."""
+    spent, k = 0.0, 0
+    for name, _ in order:
+        if spent + costs[name] > budget * base * (1 + 1e-9):
+            break
+        spent += costs[name]
+        k += 1
+    return k, spent
+
+
 def add_residual_edges(qmodel: QuantizedModel, *, budget: float, sensitivity: str = "perturbation", max_terms: int = 4,
                        unit: str = "size", calibration: Any = None, seed: int = 0) -> dict[str, Any]:
     """Compute up to ``max_terms - 1`` residual edges per ternary layer, rank them, switch on what ``budget`` buys.
@@ -159,12 +170,7 @@ def add_residual_edges(qmodel: QuantizedModel, *, budget: float, sensitivity: st
             name = labels[i]
             seen[name] = seen.get(name, 0) + 1
             order.append((name, seen[name]))
-    spent, k = 0.0, 0
-    for name, _ in order:
-        if spent + costs[name] > budget * base + 1e-9 * base:
-            break
-        spent += costs[name]
-        k += 1
+    k, spent = edges_within(order, costs, base, budget)
     qmodel.edge_order = order
     qmodel.budget_edges = k
     qmodel.set_residuals(k)
