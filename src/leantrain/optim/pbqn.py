@@ -22,6 +22,12 @@ too noisy to trust. One iteration, on the batch ``S_k = [O_{k-1} | N_k | O_k]`` 
 
        fpc * Var_{i in V_k}(q_i) / |S_k|  <=  theta^2 (g_k^T H_k g_k)^2,
 
+   where, with ``debias=True`` (default, *our choice*), ``g^T H g`` is replaced by the unbiased estimate
+   of ``grad F^T H grad F``: ``g^T H g - fpc * tr(H Sigma_V) / |S_k|`` (``Sigma_V`` the sample covariance
+   of the per-sample gradients). The plain sample version (``debias=False``) passes at the noise
+   floor whenever the effective dimension of ``H Sigma`` exceeds ``1/theta^2``, so it stops growing
+   the batch exactly when it should (docs/optim.md).
+
    ``Var`` the sample variance (denominator ``|V_k| - 1``) and ``fpc = (n - |S_k|) / (n - 1)`` the
    finite-population correction of sampling without replacement from ``n`` samples (so the full
    data set, whose gradient is exact, always passes). With ``test="augmented"`` the
@@ -201,6 +207,8 @@ class PBQN(Optimizer):
         eps: curvature threshold of the skip rule (default 1e-2).
         c1, tau, max_backtracks: Armijo constant (1e-4), backtracking factor (0.5), at most 10 backtracks.
         variance_samples: cap on ``|V_k|``, the rows with per-sample gradients (>= 2; default 512).
+        debias: use the debiased ``g^T H g`` in the test (default True; see the module docstring).
+        max_growth: cap one enlargement at ``max_growth * |S_k|`` (default None: the test's ``b_hat``).
     """
 
     def __init__(self, params: Iterable[torch.Tensor], sampler: ProgressiveSampler, *, lr: float = 1.0,
