@@ -260,6 +260,8 @@ def test_shapes_dtypes_and_noncontiguous_inputs():
     h = torch.randn(100).half()
     assert torch.equal(quantize(h, FP16), h.float())
     assert quantize(torch.empty(0, 3), BF16).shape == (0, 3)
+    g = torch.randn(10, requires_grad=True)  # quantize is not differentiable: Quantizer is the autograd form
+    assert not any(quantize(g, f, r).requires_grad for f in (BF16, FP8_E4M3) for r in ("nearest", "stochastic"))
     x = torch.randn(300_000)  # spans several internal blocks
     assert torch.equal(quantize(x, BF16), torch.from_numpy(_oracle(x.numpy(), ml_dtypes.bfloat16)))
 

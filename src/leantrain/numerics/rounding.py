@@ -154,11 +154,12 @@ def round_to_integer(x: torch.Tensor, rounding: str = "nearest", *, generator: t
     narrower floats, which are promoted to float32 and cast back exactly) the stochastic draw for
     ``|x| >= 1`` adds uniform random bits below the binary point of the bit pattern (exact probability);
     for ``|x| < 1`` and for float64 it is :func:`stochastic_round_up` (exact to ``2^-53``).
-    NaN and +-inf pass through; the sign of zero is kept.
+    NaN and +-inf pass through; the sign of zero is kept. Not differentiable (the result is detached).
     """
     _check_float(x)
     check_rounding(rounding)
     _check_generator(generator)
+    x = x.detach()
     if rounding == "nearest":
         return torch.round(x)
     if rounding == "truncate":
@@ -219,6 +220,7 @@ def quantize(
       ``special="finite"`` formats always saturate (overflow and inf to ``+-max``).
     - NaN input: becomes the canonical float32 quiet NaN (any payload, any sign), also for "finite" formats
       that cannot encode it (ml_dtypes turns NaN into -0 there; we refuse to hide a NaN).
+    - Not differentiable: the result is detached (use :class:`~leantrain.numerics.autograd.Quantizer` in autograd).
     - Input dtype: float32 is used as is; float16/bfloat16 are widened exactly; float64 is first rounded
       to float32 (nearest-even), which can double-round.
 
@@ -238,7 +240,7 @@ def quantize(
         raise TypeError(f"fmt must be a FloatFormat, got {type(fmt).__name__}")
     check_rounding(rounding)
     _check_generator(generator)
-    xf = x.to(torch.float32).contiguous()
+    xf = x.detach().to(torch.float32).contiguous()
     if native and rounding == "nearest":
         dtype = _native_dtype(fmt, xf.device)
         if dtype is not None:
