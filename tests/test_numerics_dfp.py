@@ -217,3 +217,17 @@ def test_int_matmul_sparse_overflow_is_found_by_the_pre_check():
             ref, events = _sequential(ix.numpy(), iw.numpy(), acc_bits, mode, None)
             assert st["overflow_events"] == events and (r.numpy() == ref).all()
             assert 0 < st["overflowed_outputs"] < 12 * 9 or acc_bits == 30  # sparse at INT32 (8 of 108 here)
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 300, 1000])
+def test_wrap_fast_path_equals_exact_emulation(chunk):
+    g = torch.Generator().manual_seed(31)
+    a = torch.randint(-(2**15) + 1, 2**15, (9, 700), generator=g, dtype=torch.int16)
+    b = torch.randint(-(2**15) + 1, 2**15, (700, 5), generator=g, dtype=torch.int16)
+    fast, st_fast = int_matmul(a, b, chunk=chunk, events=False)
+    slow, st_slow = int_matmul(a, b, chunk=chunk)
+    assert torch.equal(fast, slow) and st_fast["overflow_events"] is None
+    # wrapped_outputs counts the chunk registers whose exact sum left the INT32 range
+    c = chunk or 700
+    sums = [a[:, s:s + c].double() @ b[s:s + c].double() for s in range(0, 700, c)]
+    assert st_fast["wrapped_outputs"] == sum(int(((t < -(2**31)) | (t > 2**31 - 1)).sum()) for t in sums)
