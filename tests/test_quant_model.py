@@ -349,3 +349,14 @@ def test_batchnorm_recalibration_matches_the_statistics_of_the_converted_network
     assert torch.allclose(bn.running_mean.double(), inp.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(bn.running_var.double(), inp.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
     assert not bn.training and bn.momentum == 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_conversion_and_both_paths_run_on_cuda() -> None:
+    m, x, _ = _tiny_resnet()
+    q_cpu = quantize_model(m, grouping="fgq:4", calibration=x)
+    q = quantize_model(m.cuda(), grouping="fgq:4", calibration=x.cuda())
+    xc = x.cuda()
+    fake = q(xc)
+    assert torch.allclose(fake.cpu(), q_cpu(x), atol=1e-4)
+    assert torch.allclose(q.set_mode("integer")(xc).cpu(), fake.cpu(), atol=0.05 * float(fake.abs().max()))

@@ -87,7 +87,7 @@ def pretrained(name: str, profile: str, *, seed: int = 0, device: str = "cpu", c
     steps = setup["epochs"] * ((len(data.train) + setup["batch_size"] - 1) // setup["batch_size"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=setup["lr"], total_steps=steps)
     fit(model, opt, nn.functional.cross_entropy, data.train, epochs=setup["epochs"], batch_size=setup["batch_size"],
-        seed=seed, device=device, scheduler=sched, eval_train=False, progress=True)
+        seed=seed, device=device, scheduler=sched, eval_train=False)
     model.eval()
     fp32 = evaluate(model, nn.functional.cross_entropy, data.test, device=device)
     save_torch(path, {"model": model.state_dict(), "model_spec": spec, "fp32": fp32, "setup": setup})

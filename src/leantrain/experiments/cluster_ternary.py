@@ -49,7 +49,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     q = _convert(pre, "ternary", n_big, bn=False, device=device)
     before = measure(q, pre, device)
     hist = finetune(q, pre.data.train, ft_epochs, lr=0.01, batch_size=pre.setup["batch_size"], test=pre.data.test,
-                    seed=seed, device=device, progress=True)
+                    seed=seed, device=device)
     after = measure(q, pre, device)
 
     curves(out / "accuracy_vs_cluster_size.png",

@@ -61,7 +61,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
                          device=device)
     before = measure(q64, res, device)
     hist = finetune(q64, res.data.train, ft_epochs, lr=0.01, batch_size=res.setup["batch_size"], test=res.data.test,
-                    seed=seed, device=device, progress=True)
+                    seed=seed, device=device)
     after = measure(q64, res, device)
 
     x = list(range(len(GROUPS)))
