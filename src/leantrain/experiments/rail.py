@@ -161,6 +161,7 @@ def _plot_training(out: Path, setup: Setup, results: list[dict]) -> str:
         h = r["history"]
         x = [e["iteration"] + 1 for e in h]
         a1.plot(x, [e["true_return_mean"] for e in h], color=colors.get(r["variant"]), alpha=0.7,
+                linestyle="--" if r["variant"] == "GAIL" else "-", linewidth=2.5 if r["variant"] == "GAIL" else 1.2,
                 label=r["variant"] if r["seed"] == setup.seeds[0] else None)
         if r["variant"] != "GAIL":
             a2.plot(x, [e["nu"] for e in h], color=colors.get(r["variant"]), alpha=0.8,
@@ -265,7 +266,7 @@ MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Reacher-v5")
 
 
 @experiment("rail-mujoco", arxiv=ARXIV, title="RAIL vs GAIL tail risk on MuJoCo (Hopper, HalfCheetah, Walker2d, Reacher)",
-            claim=CLAIM, quick_minutes=1.0)
+            claim=CLAIM, quick_minutes=0.5)
 def run_mujoco(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     from leantrain.imitation.envs import TASKS
     from leantrain.imitation.experts import record_trajectories, train_expert
