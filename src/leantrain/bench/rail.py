@@ -7,11 +7,14 @@ Rows:
   steps/s, on fixed-length tasks (Pendulum-v1: 200 steps, HalfCheetah-v5: 1000 steps) so that the
   work per call is exact;
 - one RAIL update (steps 2-7) against one GAIL update on the same batch, and one full iteration
-  (collection + update) of each. RAIL runs with its tail term active (``nu`` at the batch's
+  (collection + update) of each, every call starting from the same saved state so that both
+  collect the identical batch. RAIL runs with its tail term active (``nu`` at the batch's
   empirical VaR, ~10% of trajectories weighted); the check is RAIL / GAIL <= 1.1.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -89,13 +92,25 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     rail = RAIL(env_id, demos, RAILConfig(lam=0.5, batch_steps=batch_steps, n_envs=8, nu_mode="quantile"), seed=0,
                 device=device)
     batch = gail.collect()  # a fixed batch of the untrained policy: many short trajectories
-    repeats = 3 if quick else 5
-    upd = compare(f"update on a {batch.steps}-step batch ({batch.episodes} trajectories)", lambda: rail.update(batch),
-                  lambda: gail.update(batch), baseline_name="GAIL update (lam = 0)", repeats=repeats, warmup=1,
-                  min_sample_s=0.0, device=device)
+    # every timed call starts from the same state (networks, optimizers, nu, random streams, iteration), so
+    # GAIL and RAIL collect the identical batch and differ only by the CVaR term
+    start = copy.deepcopy(gail.state_dict())
+
+    def from_start(algo: RAIL, step):
+        def call():
+            algo.load_state_dict(start)
+            return step()
+        return call
+
+    repeats = 3 if quick else 7
+    upd = compare(f"update on a {batch.steps}-step batch ({batch.episodes} trajectories)",
+                  from_start(rail, lambda: rail.update(batch)), from_start(gail, lambda: gail.update(batch)),
+                  baseline_name="GAIL update (lam = 0)", repeats=repeats, warmup=1, min_sample_s=0.0, device=device)
     upd["rail_tail_fraction"] = rail.history[-1]["tail_fraction"]
-    it = compare("full iteration (collect + update)", rail.iterate, gail.iterate, baseline_name="GAIL iteration",
-                 repeats=repeats, warmup=1, min_sample_s=0.0, device=device)
+    it = compare("full iteration (collect + update), same start state", from_start(rail, rail.iterate),
+                 from_start(gail, gail.iterate), baseline_name="GAIL iteration", repeats=repeats, warmup=1,
+                 min_sample_s=0.0, device=device)
+    it["steps_collected"] = [rail.history[-1]["steps"], gail.history[-1]["steps"]]
     for a in (gail, rail):
         a.close()
     rows += [upd, it]
