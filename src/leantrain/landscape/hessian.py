@@ -31,11 +31,6 @@ from leantrain.landscape.surface import LossFn, LossSurface
 __all__ = ["hessian_top_eigenvalues", "hessian_trace", "TraceEstimate"]
 
 
-def _surface(model: nn.Module, loss_fn: LossFn, data: Any, batch_size: int, dtype: torch.dtype | None,
-             surface: LossSurface | None) -> LossSurface:
-    return surface or LossSurface(model, loss_fn, data, batch_size=batch_size, dtype=dtype)
-
-
 def hessian_top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1, *, tol: float = 1e-4,
                             max_iterations: int | None = None, lanczos_vectors: int | None = None, seed: int = 0,
                             return_vectors: bool = False,
@@ -58,7 +53,7 @@ def hessian_top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int
         The eigenvalues in descending order (float64 array of length ``k``), and with
         ``return_vectors`` the matching eigenvectors as columns.
     """
-    surf = _surface(model, loss_fn, data, batch_size, dtype, surface)
+    surf = LossSurface.reuse(surface, model, loss_fn, data, batch_size=batch_size, dtype=dtype)
     n = surf.dim
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
         raise ValueError(f"k must be an int with 1 <= k < {n} (the trainable parameter count), got {k!r}")
@@ -122,7 +117,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, *, rtol: float =
         raise ValueError(f"min_samples must be an int >= 2, got {min_samples!r}")
     if not isinstance(max_samples, int) or max_samples < min_samples:
         raise ValueError(f"max_samples must be an int >= min_samples ({min_samples}), got {max_samples!r}")
-    surf = _surface(model, loss_fn, data, batch_size, dtype, surface)
+    surf = LossSurface.reuse(surface, model, loss_fn, data, batch_size=batch_size, dtype=dtype)
     z = _normal_quantile(confidence)
     g = torch.Generator().manual_seed(int(seed))
     values: list[float] = []

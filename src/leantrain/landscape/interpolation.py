@@ -154,7 +154,7 @@ def plot_interpolation(result: Interpolation, path: str | Path, *, title: str = 
         ax.axvline(x0, color="grey", lw=0.6, alpha=0.6)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center")
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)

@@ -41,7 +41,7 @@ from torch import nn
 
 from leantrain.landscape.surface import LossFn, LossSurface
 
-__all__ = ["Sharpness", "sharpness", "random_subspace", "box_half_widths"]
+__all__ = ["Sharpness", "sharpness", "random_subspace", "box_half_widths", "pinv_coordinates"]
 
 
 @dataclass
@@ -83,11 +83,17 @@ def random_subspace(n: int, p: int, *, seed: int = 0, dtype: torch.dtype = torch
     return a.to(device=device, dtype=dtype)
 
 
+def pinv_coordinates(x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+    """``A^+ x`` in float64 (``x`` itself when ``a`` is None, i.e. ``A = I``)."""
+    if a is None:
+        return x.double()
+    # A^+ x is the least-squares solution of A z = x (A has full column rank for a random A).
+    return torch.linalg.lstsq(a.double(), x.double()[:, None]).solution[:, 0]
+
+
 def box_half_widths(x: torch.Tensor, epsilon: float, a: torch.Tensor | None = None) -> torch.Tensor:
     """``h_i = eps * (|(A^+ x)_i| + 1)`` (``A = I`` when ``a`` is None), in float64."""
-    # A^+ x is the least-squares solution of A z = x (A has full column rank for a random A).
-    z = x.double() if a is None else torch.linalg.lstsq(a.double(), x.double()[:, None]).solution[:, 0]
-    return epsilon * (z.abs() + 1.0)
+    return epsilon * (pinv_coordinates(x, a).abs() + 1.0)
 
 
 def _check_epsilon(epsilon: float) -> float:
@@ -96,9 +102,11 @@ def _check_epsilon(epsilon: float) -> float:
     return float(epsilon)
 
 
-def _subspace_matrix(subspace: Any, n: int, seed: int, surface: LossSurface) -> torch.Tensor | None:
+def _subspace(subspace: Any, seed: int, surface: LossSurface) -> tuple[torch.Tensor | None, np.ndarray]:
+    """The matrix ``A`` (None for ``I``) and ``|A^+ x|`` as float64 numpy; random ones are cached on the surface."""
+    n = surface.dim
     if subspace is None:
-        return None
+        return None, surface.x0.double().abs().cpu().numpy()
     if isinstance(subspace, bool):
         raise TypeError("subspace must be None, an int p or an n x p matrix, got a bool")
     if isinstance(subspace, (int, np.integer)):
@@ -106,14 +114,20 @@ def _subspace_matrix(subspace: Any, n: int, seed: int, surface: LossSurface) -> 
         if not 1 <= p <= n:
             raise ValueError(f"subspace must satisfy 1 <= subspace <= {n} (the model's trainable parameter count), "
                              f"got {p}")
-        return random_subspace(n, p, seed=seed, dtype=surface.dtype, device=surface.device)
+        key = ("random subspace", p, int(seed))
+        if key not in surface.cache:
+            surface.cache.pop(next((k for k in surface.cache if k[0] == "random subspace"), None), None)  # keep one
+            a = random_subspace(n, p, seed=seed, dtype=surface.dtype, device=surface.device)
+            surface.cache[key] = (a, pinv_coordinates(surface.x0, a).abs().cpu().numpy())
+        return surface.cache[key]
     if isinstance(subspace, (np.ndarray, torch.Tensor)):
         a = torch.as_tensor(subspace)
         if a.dim() != 2 or a.shape[0] != n or not 1 <= a.shape[1] <= n:
             raise ValueError(f"a subspace matrix must have shape (n={n}, p) with 1 <= p <= n, got {tuple(a.shape)}")
         if not torch.isfinite(a).all():
             raise ValueError("the subspace matrix has non-finite entries")
-        return a.to(device=surface.device, dtype=surface.dtype)
+        a = a.to(device=surface.device, dtype=surface.dtype)
+        return a, pinv_coordinates(surface.x0, a).abs().cpu().numpy()
     raise TypeError(f"subspace must be None, an int p or an n x p matrix, got {type(subspace).__name__}")
 
 
@@ -145,11 +159,11 @@ def sharpness(model: nn.Module, loss_fn: LossFn, data: Any, epsilon: float = 1e-
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     if not 0.0 <= start <= 1.0:
         raise ValueError(f"start must be in [0, 1], got {start!r}")
-    surf = surface or LossSurface(model, loss_fn, data, batch_size=batch_size, dtype=dtype)
+    surf = LossSurface.reuse(surface, model, loss_fn, data, batch_size=batch_size, dtype=dtype)
     x = surf.x0
     n = surf.dim
-    a = _subspace_matrix(subspace, n, seed, surf)
-    h = box_half_widths(x, eps, a).cpu().numpy()
+    a, abs_z = _subspace(subspace, seed, surf)
+    h = eps * (abs_z + 1.0)
     rng = np.random.default_rng(seed)
     y0 = rng.uniform(-1.0, 1.0, size=h.shape) * start * h
     f0 = surf.value()

@@ -82,6 +82,9 @@ class LossSurface:
 
     Attributes:
         x0: the model's own parameter vector (a detached copy, in ``dtype``); ``dim`` its length.
+        size: the number of samples ``M``.
+        cache: quantities derived from ``x0`` that diagnostics reuse across calls on this surface
+            (e.g. :func:`leantrain.landscape.sharpness` keeps its last random subspace and ``A^+ x``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *, batch_size: int = 1024,
@@ -112,9 +115,23 @@ class LossSurface:
         self.device = params[0][1].device
         self.x0 = torch.cat([p.detach().reshape(-1).to(self.dtype) for _, p in params]).clone()
         self.dim = int(self.x0.numel())
+        self.cache: dict[Any, Any] = {}
         dataset = as_dataset(data)
         self.size = len(dataset)  # type: ignore[arg-type]
         self._batches = [self._to_device(b) for b in batches(dataset, torch.arange(self.size), batch_size)]
+
+    @classmethod
+    def reuse(cls, surface: LossSurface | None, model: nn.Module, loss_fn: LossFn, data: Any, *, batch_size: int,
+              dtype: torch.dtype | None) -> LossSurface:
+        """``surface`` when given (after checking it has ``model``'s parameter count), else a new one."""
+        if surface is None:
+            return cls(model, loss_fn, data, batch_size=batch_size, dtype=dtype)
+        if not isinstance(surface, LossSurface):
+            raise TypeError(f"surface must be a LossSurface, got {type(surface).__name__}")
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if n != surface.dim:
+            raise ValueError(f"surface has {surface.dim} parameters but model has {n}: build it from the same model")
+        return surface
 
     def _to_device(self, batch: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = tuple(batch)[:2]
