@@ -92,7 +92,7 @@ def test_cli_bad_epsilon_and_missing_checkpoint(checkpoints, tmp_path, capsys):
     a, _ = checkpoints
     with pytest.raises(SystemExit) as exc:
         main(["sharpness", str(a), "--dataset", "digits", "--epsilon", "0"])
-    assert exc.value.code == 2 and "finite number > 0" in capsys.readouterr().err
+    assert exc.value.code == 2 and "positive number" in capsys.readouterr().err
     assert main(["sharpness", str(tmp_path / "nope.pt"), "--dataset", "digits"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["interpolate", str(a), str(a), "--dataset", "digits", "--out", str(tmp_path / "x.txt")]) == 2

@@ -13,26 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from leantrain.commands import add_common, emit, resolve_device
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
+from leantrain.commands.train import _key_value, _positive_float, _positive_int
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
-    from leantrain.commands.train import _key_value
-
     p.add_argument("--dataset", default=None,
                    help="data set name (see `leantrain data list`; default: the one stored in the checkpoint)")
     p.add_argument("--data-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="keyword for the data set loader (repeatable; default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default 1024)")
+    p.add_argument("--batch-size", type=_positive_int, default=1024, help="evaluation batch size (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
