@@ -415,3 +415,28 @@ def test_int_matmul_fast_wrap_path_equals_exact_emulation(chunk) -> None:
     assert s2["wrapped_outputs"] == int(((sums < -2**31) | (sums > 2**31 - 1)).sum()) and s2["overflow_events"] is None
     if chunk is None:
         assert s2["wrapped_outputs"] > 0
+
+
+def test_dfp16_nonfinite_input_gives_nan_not_an_exception() -> None:
+    layer = nn.Linear(4, 3)
+    emulate(layer, "dfp16")
+    x = torch.randn(2, 4)
+    x[0, 1] = float("inf")
+    y = layer(x)
+    assert torch.isnan(y).all()
+    y.sum().backward()
+    assert torch.isnan(layer.weight.grad).all()
+
+
+def test_train_command_precision_option(tmp_path) -> None:
+    import json
+
+    from leantrain.cli import main
+
+    rc = main(["train", "--model", "mlp", "--dataset", "breast_cancer", "--epochs", "1", "--max-steps", "3",
+               "--precision", "fp16-scaled", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert hist["steps"] == 3
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "mlp", "--dataset", "breast_cancer", "--precision", "bf17", "--out", str(tmp_path)])

@@ -72,6 +72,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="also checkpoint every N optimizer steps (default: at the end of each epoch)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from leantrain.precision import policy_names
+
+    p.add_argument("--precision", choices=policy_names(), default="fp32",
+                   help="emulated precision policy of every GEMM (leantrain.precision; default fp32 = plain training)")
 
 
 def _positive_int(text: str) -> int:
@@ -111,6 +115,10 @@ def make_hooks(args: argparse.Namespace, model: Any, optimizer: Any) -> Any:
     """The :class:`leantrain.train.Hooks` for these options: plain FP32 training unless a layer adds its own."""
     from leantrain.train import Hooks
 
+    if getattr(args, "precision", "fp32") != "fp32":
+        from leantrain.precision import PrecisionHooks
+
+        return PrecisionHooks(args.precision, seed=args.seed)
     return Hooks()
 
 

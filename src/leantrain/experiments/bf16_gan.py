@@ -144,7 +144,7 @@ def train_gan(policy: str, seed: int, cfg: dict, real: torch.Tensor, out: Path, 
     title="BF16 training of a small DCGAN on 8x8 digits vs FP32 (classifier-based score)",
     claim="A DCGAN trained with BF16 GEMM inputs in generator and discriminator reaches FP32's sample quality and mode "
           "coverage with the same hyper-parameters and iterations.",
-    quick_minutes=1.2,
+    quick_minutes=1.0,
 )
 def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     cfg = _setting(profile)

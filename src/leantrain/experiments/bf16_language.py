@@ -38,7 +38,7 @@ def _setting(profile: str) -> dict:
     title="BF16 training of a character-level LSTM language model (Python docstrings) vs FP32",
     claim="A recurrent language model trained with BF16 GEMM inputs reaches FP32's bits per character with the same "
           "hyper-parameters and iterations.",
-    quick_minutes=1.2,
+    quick_minutes=0.8,
 )
 def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     cfg = _setting(profile)

@@ -46,7 +46,7 @@ def _auc(run: RunResult, data, device: str) -> float:
     title="BF16 training of a DLRM-style click model on synthetic click data vs FP32",
     claim="A recommender trained with BF16 FC-layer inputs (forward and backward) and an FP32 update reaches FP32's "
           "AUC and log loss.",
-    quick_minutes=0.6,
+    quick_minutes=0.5,
 )
 def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     cfg = _setting(profile)

@@ -65,7 +65,7 @@ def _dy_underflow_per_step(run: RunResult) -> tuple[list[int], list[float]]:
     title="BF16 (and FP16, FP8, DFP16) training of a ResNet on digits vs FP32",
     claim="BF16 GEMM inputs with FP32 accumulation reach FP32 accuracy in the same iterations with the same "
           "hyper-parameters and no loss scaling; FP16 without loss scaling loses gradients to underflow.",
-    quick_minutes=2.0,
+    quick_minutes=1.5,
 )
 def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     cfg = vision_setting(profile)

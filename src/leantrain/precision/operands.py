@@ -84,7 +84,7 @@ class LayerNumerics:
             return t
         if isinstance(spec, DFPSpec):
             m, e = self.dfp(t, spec, tensor)
-            return _ldexp(m, e)
+            return m if e == NONFINITE else _ldexp(m, e)
         fmt = spec.format
         if spec.scaling == "tensor":
             s = _pow2_scale(t, fmt.max_normal)
@@ -103,8 +103,15 @@ class LayerNumerics:
     def dfp(self, t: torch.Tensor, spec: DFPSpec, tensor: str) -> tuple[torch.Tensor, int]:
         """DFP conversion of ``t`` (:func:`leantrain.numerics.to_dfp`, one exponent per tensor): the integer
         mantissas held exactly in a float32 tensor (|m| < 2^24), and the shared exponent as a Python int
-        (value = mantissa * 2**exponent)."""
-        m, e = to_dfp(t.detach(), spec.bits, rounding=spec.rounding, generator=self._gen(t, spec.rounding))
+        (value = mantissa * 2**exponent).
+
+        DFP has no encoding for Inf/NaN: a tensor containing them (a diverged step) gives NaN mantissas and
+        the exponent :data:`NONFINITE`, and every GEMM it enters returns NaN (the step's gradients are NaN).
+        """
+        try:
+            m, e = to_dfp(t.detach(), spec.bits, rounding=spec.rounding, generator=self._gen(t, spec.rounding))
+        except ValueError:  # to_dfp refuses Inf/NaN (its other checks cannot fail here)
+            return torch.full_like(t, float("nan"), dtype=torch.float32), NONFINITE
         mf = m.to(torch.float32)
         exp = int(e)
         if self.recording():
@@ -119,6 +126,8 @@ class LayerNumerics:
         chunks, overflow rule), the result rescaled to float32."""
         acc = self.policy.accumulator
         assert isinstance(acc, IntAccumulator)
+        if scale_exp >= NONFINITE // 2:  # an operand held Inf/NaN
+            return torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=torch.float32, device=a.device)
         # events=False: with wrap-around only the exact chunk sums matter (fast exact path of int_matmul);
         # the stats then count registers whose sum left the accumulator range (wrong results).
         wide = max(s.bits for g in self.policy.gemms().values() for s in (g.a, g.b) if isinstance(s, DFPSpec))
@@ -132,6 +141,9 @@ class LayerNumerics:
                 regs, bad = stats["accumulations"], stats["overflow_events"]
             self.recorder.observe_accumulator(self.name, gemm, regs, bad)  # type: ignore[union-attr]
         return _ldexp(out.to(torch.float32), scale_exp)
+
+
+NONFINITE = 1 << 40  # exponent marking a DFP tensor converted from Inf/NaN input
 
 
 def _ldexp(x: torch.Tensor, e: int) -> torch.Tensor:
