@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and a checkpoint that `leantrain quantize` / `leantrain sharpness` can read.",
         epilog="example: leantrain train --model lenet --dataset digits --epochs 5 --out results/lenet-digits")
     add_train_arguments(p)
+    add_distributed_arguments(p)
     add_common(p, out="results/train")
     p.set_defaults(func=run)
 
@@ -78,6 +79,36 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="emulated precision policy of every GEMM (leantrain.precision; default fp32 = plain training)")
 
 
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """Data-parallel options (``torchrun --nproc-per-node N -m leantrain train ... --dp``)."""
+    from leantrain.distributed import COMPRESSIONS
+
+    g = p.add_argument_group("data parallel (start with torchrun; --batch-size is per process)")
+    g.add_argument("--dp", action="store_true", help="average gradients over all processes (leantrain.distributed)")
+    g.add_argument("--bucket-mb", type=_positive_float, default=None, help="gradient bucket size in MiB (default 25)")
+    g.add_argument("--compression", choices=COMPRESSIONS, default=None, help="gradient compression (default none)")
+    g.add_argument("--no-error-feedback", action="store_true", help="drop the compression error instead of carrying it")
+    g.add_argument("--no-priority", action="store_true", help="exchange buckets first-ready-first-sent")
+    g.add_argument("--no-overlap", action="store_true", help="start the exchange after backward, not during it")
+    g.add_argument("--distributed-update", action="store_true",
+                   help="reduce-scatter, update this rank's shard, all-gather parameters (ZeRO-1)")
+    g.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome-trace timeline of every rank")
+    g.add_argument("--comm-timeout", type=_positive_float, default=300.0,
+                   help="seconds before a stuck collective raises an error naming rank and operation (default 300)")
+
+
+def _data_parallel_hooks(args: argparse.Namespace, inner: Any) -> Any:
+    from leantrain.distributed import DataParallelHooks, Distribution, init_from_env, is_launched
+
+    if is_launched():
+        init_from_env(args.device, timeout_s=args.comm_timeout)
+    return DataParallelHooks(
+        Distribution(timeout_s=args.comm_timeout), inner=inner, bucket_mb=args.bucket_mb or 25.0,
+        compression=args.compression or "none", error_feedback=not args.no_error_feedback,
+        priority=not args.no_priority, overlap=not args.no_overlap, distributed_update=args.distributed_update,
+        seed=args.seed, trace=args.trace is not None)
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -115,11 +146,21 @@ def make_hooks(args: argparse.Namespace, model: Any, optimizer: Any) -> Any:
     """The :class:`leantrain.train.Hooks` for these options: plain FP32 training unless a layer adds its own."""
     from leantrain.train import Hooks
 
+    hooks = Hooks()
     if getattr(args, "precision", "fp32") != "fp32":
         from leantrain.precision import PrecisionHooks
 
-        return PrecisionHooks(args.precision, seed=args.seed)
-    return Hooks()
+        hooks = PrecisionHooks(args.precision, seed=args.seed)
+    if getattr(args, "dp", False):
+        hooks = _data_parallel_hooks(args, hooks)  # the exchange finishes before the precision step runs
+    else:
+        given = [f for f, v in (("--bucket-mb", args.bucket_mb), ("--compression", args.compression),
+                                ("--distributed-update", args.distributed_update), ("--trace", args.trace),
+                                ("--no-priority", args.no_priority), ("--no-overlap", args.no_overlap),
+                                ("--no-error-feedback", args.no_error_feedback)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} need --dp")
+    return hooks
 
 
 def build_setup(args: argparse.Namespace) -> TrainSetup:
@@ -175,20 +216,53 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     setup = build_setup(args)
+    distribution = getattr(setup.hooks, "distribution", None)  # set by --dp
+    parts = distribution.data_size if distribution is not None else 1
+    lead = distribution is None or distribution.rank == 0  # the process that reports and writes files
     out = Path(args.out)
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
     task = setup.data.info.task
     fit_kwargs = {"metric": None} if task == "regression" else {}  # accuracy means nothing for regression
     history = fit(setup.model, setup.optimizer, setup.loss_fn, setup.data.train, test=setup.data.test,
-                  epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device, hooks=setup.hooks,
-                  checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                  max_steps=args.max_steps, eval_train=False, progress=not args.no_progress,
+                  epochs=args.epochs, batch_size=args.batch_size * parts, seed=args.seed, device=device,
+                  hooks=setup.hooks, checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                  max_steps=args.max_steps, eval_train=False, progress=lead and not args.no_progress,
                   model_spec=setup.spec, extra=setup.extra, **fit_kwargs)
     result = {"model_spec": setup.spec, "dataset": args.dataset, "task": task, "checkpoint": str(ckpt),
               "steps": len(history.step_loss), "skipped_steps": history.skipped_steps, "evals": history.evals,
               "final": history.evals[-1] if history.evals else {}}
+    if distribution is not None:
+        result["distributed"] = _distributed_report(args, setup.hooks, lead)
+    if not lead:
+        return 0
     hist_path = write_json(out / "history.json", result)
     text = "\n".join(_summary(r, task) for r in history.evals)
+    if "distributed" in result:
+        d = result["distributed"]
+        text += (f"\ndata parallel over {d['processes']} processes, median step {d['step_s'] * 1e3:.1f} ms: "
+                 f"compute {d['compute_s'] * 1e3:.1f} ms, communication {d['comm_s'] * 1e3:.1f} ms, exposed "
+                 f"{d['exposed_comm_s'] * 1e3:.1f} ms, {d['bytes_sent'] / 1e6:.3f} MB sent per step")
+        if d.get("trace"):
+            text += f"\ntrace: {d['trace']}"
     text += f"\ncheckpoint: {ckpt}\nhistory: {hist_path}"
     emit(args, result, text)
     return 0
+
+
+def _distributed_report(args: argparse.Namespace, hooks: Any, lead: bool) -> dict[str, Any]:
+    """Step statistics of this rank (medians), the bucket layout, and the merged trace (a collective)."""
+    from leantrain.distributed import write_chrome_trace
+    from leantrain.distributed.timeline import summarize
+
+    dp = hooks.dp
+    report: dict[str, Any] = {"processes": hooks.distribution.world_size, "compression": dp.compression.name,
+                              "distributed_update": dp.distributed_update, "buckets": dp.layout(),
+                              **summarize(dp.stats)}
+    if dp.stats:
+        report["bytes_per_bucket"] = [b.bytes_sent for b in dp.stats[-1].buckets]
+    if args.trace:
+        timelines = hooks.timelines()
+        if lead:
+            report["trace"] = str(write_chrome_trace(args.trace, timelines))
+    dp.close()
+    return report
