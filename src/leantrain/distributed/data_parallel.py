@@ -273,7 +273,9 @@ class DataParallel(nn.Module):
             return
         self._begin_step()
         b = self._bucket_of[p]
-        self._view_of[p].copy_(p.grad)
+        view = self._view_of[p]
+        if p.grad.data_ptr() != view.data_ptr():  # else backward accumulated into the bucket already
+            view.copy_(p.grad)
         b.pending -= 1
         if b.pending == 0:
             b.ready_time = time.perf_counter()
@@ -375,6 +377,15 @@ class DataParallel(nn.Module):
 
         b.works.append(phase2.then(decode))
 
+    def exchange_gradients(self) -> StepStats | None:
+        """Average the current ``param.grad`` over the data group now, without backward hooks (for gradients
+        computed by other means, e.g. ``torch.autograd.grad``); a parameter without a gradient counts as zero."""
+        self._begin_step()
+        for p in self._bucket_of:
+            if p.grad is not None and self._bucket_of[p].pending > 0:
+                self._on_grad(p)
+        return self.finish()
+
     # ------------------------------------------------------------------ finish
     def finish(self) -> StepStats | None:
         """Wait for every bucket's exchange of this step and write the averaged gradients to ``param.grad``.
@@ -441,11 +452,9 @@ class DataParallel(nn.Module):
                 if self.parts > 1:
                     flat.mul_(inv)
             for p, off in zip(b.params, b.offsets):
-                g = flat[off:off + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
+                # param.grad becomes a view of the bucket (no copy); with zero_grad(set_to_none=False) the next
+                # backward then accumulates straight into the bucket and the copy in _on_grad is skipped.
+                p.grad = flat[off:off + p.numel()].view_as(p)
 
     @torch.no_grad()
     def _average_buffers(self) -> None:
