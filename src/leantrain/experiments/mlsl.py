@@ -1,0 +1,451 @@
+"""MLSL (arXiv:1801.08030) at small scale: data-parallel equivalence, compressed exchange, and a scaling model.
+
+The paper's quantitative results (networks, node counts, efficiencies) are not recovered in the notes, so no
+claim here quotes a paper number; each claim states what the method must do and how we check it. All
+multi-process runs are gloo ranks on this machine, spawned by the experiment itself.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leantrain.registry import Claim, Result, Table, experiment
+
+ARXIV = "1801.08030"
+NOT_RECOVERED = "not recovered"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _digits_lenet(dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from leantrain.data import load_dataset
+    from leantrain.models import LeNet
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = LeNet(in_channels=1, num_classes=10, width=8).to(dtype)
+    return model, data
+
+
+def _to(ds: Any, dtype: torch.dtype) -> Any:
+    x, y = ds.tensors
+    return torch.utils.data.TensorDataset(x.to(dtype), y)
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def _equivalence_run(rank: int | None, world: int, dtype: torch.dtype, optimizer: str, steps: int, batch: int,
+                     dp_kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """fit() LeNet on digits for ``steps`` steps; per-step flat parameters. rank None: one process, batch*world."""
+    from leantrain.train import fit
+
+    model, data = _digits_lenet(dtype)
+    params = list(model.parameters())
+    opt = (torch.optim.SGD(params, lr=0.05, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(params, lr=2e-3))
+    trail: list[torch.Tensor] = []
+    hooks = None
+    if rank is not None:
+        from leantrain.distributed import DataParallelHooks, Distribution
+
+        hooks = DataParallelHooks(Distribution(timeout_s=120), bucket_mb=0.01, **dp_kwargs)
+    fit(model, opt, nn.functional.cross_entropy, _to(data.train, dtype), epochs=10, batch_size=batch * world,
+        seed=0, hooks=hooks, max_steps=steps, eval_train=False, drop_last=True,
+        step_callback=lambda s, loss: trail.append(_flat(model)))
+    if hooks is not None and hooks.dp is not None:
+        hooks.dp.close()
+    return trail
+
+
+def _equivalence_worker(rank: int, world: int, cases: list[tuple[str, torch.dtype, str, dict]], steps: int,
+                        batch: int) -> dict[str, list[torch.Tensor]]:
+    return {name: _equivalence_run(rank, world, dtype, opt, steps, batch, kw) for name, dtype, opt, kw in cases}
+
+
+@experiment("dp-equivalence", arxiv=ARXIV, title="Data-parallel SGD equals large-batch SGD (2 gloo ranks)",
+            claim="N ranks with batch b each, averaging gradients (all-reduce, or reduce-scatter + sharded update + "
+                  "all-gather), follow the same parameter trajectory as one process with batch N*b, to "
+                  "floating-point tolerance.",
+            quick_minutes=0.8)
+def run_equivalence(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
+    from leantrain.distributed import spawn
+    from leantrain.plots import curves
+
+    steps, batch = (30, 16) if profile == "quick" else (150, 32)
+    world = 2
+    cases = [
+        ("float64 SGD+momentum, all-reduce", torch.float64, "sgd", {}),
+        ("float64 SGD+momentum, distributed update", torch.float64, "sgd", {"distributed_update": True}),
+        ("float32 Adam, all-reduce", torch.float32, "adam", {}),
+        ("float32 Adam, distributed update", torch.float32, "adam", {"distributed_update": True}),
+    ]
+    t0 = time.perf_counter()
+    ranks = spawn(_equivalence_worker, world, (cases, steps, batch), timeout_s=600)
+    dist_s = time.perf_counter() - t0
+    refs = {(dtype, opt): _equivalence_run(None, world, dtype, opt, steps, batch, {}) for _, dtype, opt, _ in cases}
+    metrics: dict[str, Any] = {"steps": steps, "batch_per_rank": batch, "ranks": world, "spawn_wall_s": dist_s}
+    rows, series, claims = [], {}, []
+    for name, dtype, opt, _ in cases:
+        ref = refs[(dtype, opt)]
+        diffs = [max(float((r[name][i] - ref[i]).abs().max()) for r in ranks) / float(ref[i].abs().max())
+                 for i in range(steps)]
+        between = max(float((ranks[0][name][i] - ranks[1][name][i]).abs().max()) for i in range(steps))
+        series[name] = (list(range(1, steps + 1)), [max(d, 1e-18) for d in diffs])
+        metrics[name] = {"max_rel_diff": max(diffs), "final_rel_diff": diffs[-1], "max_diff_between_ranks": between}
+        rows.append([name, f"{max(diffs):.2e}", f"{diffs[-1]:.2e}", f"{between:.1e}"])
+        eps = torch.finfo(dtype).eps
+        # Summation order differs (per-rank means, then the average), so each step's gradient differs by a few
+        # ulps; over `steps` steps the difference grows at most linearly for these well-conditioned runs.
+        tol = 50 * eps * steps
+        claims.append(Claim(f"{name}: 2 ranks x batch {batch} == 1 rank x batch {2 * batch} for {steps} steps",
+                            NOT_RECOVERED, f"max relative parameter difference {max(diffs):.2e}",
+                            f"<= 50 * eps({str(dtype).split('.')[-1]}) * steps = {tol:.1e} (summation order only)",
+                            max(diffs) <= tol))
+        claims.append(Claim(f"{name}: replicas stay bitwise identical", NOT_RECOVERED, f"max difference {between:g}",
+                            "exactly 0", between == 0.0))
+    curves(out / "param_difference.png", series, xlabel="step", ylabel="max |theta_2ranks - theta_1rank| / max |theta|",
+           title="Data parallel vs large batch (LeNet, digits)", logy=True)
+    return Result(metrics=metrics, claims=claims, plots=["param_difference.png"],
+                  tables=[Table("parameter difference to one process with the global batch",
+                                ["run", "max relative diff", "final relative diff", "max diff between ranks"], rows)],
+                  notes="MLSL's distributed update (ReduceScatter, owned-shard update, AllGather) must give the "
+                        "same parameters as AllReduce + replicated update (notes, section 5, check 1); both are "
+                        "compared with one process on the global batch. The paper gives no number for this; "
+                        "'paper' reads 'not recovered'.")
+
+
+# ------------------------------------------------------------------------------------------------ compression
+COMPRESSION_RUNS = [("none", False), ("fp16", True), ("bf16", True), ("int8", True), ("int8", False),
+                    ("sign", True), ("sign", False)]
+
+
+def _lstsq(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(world, 40, 20, generator=g)
+    A[1] *= 0.3
+    A[:, :, :5] *= 3
+    return A, torch.randn(world, 40, generator=g)
+
+
+def _compression_worker(rank: int, world: int, epochs: int, batch: int, convex_steps: int) -> dict[str, Any]:
+    from leantrain.data import load_dataset
+    from leantrain.distributed import DataParallel, DataParallelHooks, Distribution
+    from leantrain.models import LeNet
+    from leantrain.train import fit
+
+    d = Distribution(timeout_s=120)
+    data = load_dataset("digits")
+    out: dict[str, Any] = {}
+    for comp, ef in COMPRESSION_RUNS:
+        torch.manual_seed(0)
+        model = LeNet(in_channels=1, num_classes=10, width=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        # Small buckets: each compressed chunk then holds about one layer, so its one scale fits that layer.
+        hooks = DataParallelHooks(d, compression=comp, error_feedback=ef, bucket_mb=0.002)
+        hist = fit(model, opt, nn.functional.cross_entropy, data.train, test=data.test, epochs=epochs,
+                   batch_size=batch * world, seed=0, hooks=hooks, eval_train=False)
+        sent = sum(s.bytes_sent for s in hooks.dp.stats)
+        out[f"{comp}{'' if ef or comp == 'none' else ' (no EF)'}"] = {
+            "test_accuracy": hist.series("test_accuracy"), "bytes_sent": sent, "steps": len(hooks.dp.stats)}
+        hooks.dp.close()
+    A, b = _lstsq(world)
+    for comp, ef in (("none", False), ("sign", True), ("sign", False), ("int8", True), ("int8", False)):
+        model = nn.Linear(20, 1, bias=False)
+        nn.init.zeros_(model.weight)
+        dp = DataParallel(model, d, compression=comp, error_feedback=ef)
+        opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.05))
+        trail = []
+        for _ in range(convex_steps):
+            opt.zero_grad()
+            (0.5 * (dp(A[rank]).squeeze(1) - b[rank]).pow(2).mean()).backward()
+            opt.step()
+            trail.append(model.weight.detach().view(-1).clone())
+        out[("convex", comp, ef)] = trail
+        dp.close()
+    return out
+
+
+@experiment("compression-convergence", arxiv=ARXIV,
+            title="Quantized gradient exchange with error feedback: accuracy vs bytes (2 gloo ranks)",
+            claim="Compressing the gradient exchange (FP16/BF16/int8/1-bit sign) cuts bytes on the wire 2x-25x; with "
+                  "error feedback training reaches the uncompressed accuracy, and error feedback is what makes the "
+                  "biased sign compressor converge.",
+            quick_minutes=0.8)
+def run_compression(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
+    import numpy as np
+
+    from leantrain.distributed import spawn
+    from leantrain.plots import curves, plt, save_figure
+
+    epochs, batch, convex_steps = (6, 32, 250) if profile == "quick" else (20, 32, 600)
+    ranks = spawn(_compression_worker, 2, (epochs, batch, convex_steps), timeout_s=900)
+    res = ranks[0]
+    names = [k for k in res if isinstance(k, str)]
+    base_acc = res["none"]["test_accuracy"][-1]
+    base_bytes = res["none"]["bytes_sent"]
+    rows, claims = [], []
+    metrics: dict[str, Any] = {"epochs": epochs, "batch_per_rank": batch, "runs": {}}
+    for k in names:
+        r = res[k]
+        acc, sent = r["test_accuracy"][-1], r["bytes_sent"]
+        metrics["runs"][k] = {"final_test_accuracy": acc, "bytes_sent": sent, "bytes_ratio": sent / base_bytes,
+                              "test_accuracy": r["test_accuracy"]}
+        rows.append([k, f"{acc:.4f}", f"{sent / 1e6:.3f}", f"{base_bytes / sent:.1f}x"])
+    # Tolerance: the FP32 LeNet/digits baseline's seed-to-seed spread is within 0.02 (fp32-baseline experiment).
+    for k in ("fp16", "bf16", "int8", "sign"):
+        acc = metrics["runs"][k]["final_test_accuracy"]
+        claims.append(Claim(f"{k} with error feedback reaches the uncompressed accuracy", NOT_RECOVERED,
+                            f"{acc:.4f} vs {base_acc:.4f}", ">= uncompressed - 0.02 (seed spread of the FP32 baseline)",
+                            acc >= base_acc - 0.02))
+    for k, lo in (("fp16", 1.9), ("bf16", 1.9), ("int8", 3.5), ("sign", 20.0)):
+        ratio = base_bytes / metrics["runs"][k]["bytes_sent"]
+        claims.append(Claim(f"{k} sends fewer bytes than FP32", NOT_RECOVERED, f"{ratio:.1f}x fewer",
+                            f">= {lo}x (payload {k} + 4-byte scales per chunk)", ratio >= lo))
+    # Convex problem: distance to the least-squares optimum (numpy oracle).
+    A, b = _lstsq(2)
+    w_star = np.linalg.lstsq(A.reshape(-1, 20).double().numpy(), b.reshape(-1).double().numpy(), rcond=None)[0]
+    convex = {}
+    for key, trail in res.items():
+        if isinstance(key, tuple):
+            _, comp, ef = key
+            label = comp if comp == "none" else f"{comp} {'EF' if ef else 'no EF'}"
+            convex[label] = [float(np.linalg.norm(w.double().numpy() - w_star) / np.linalg.norm(w_star)) for w in trail]
+    metrics["convex_relative_distance"] = {k: v[-1] for k, v in convex.items()}
+    final = metrics["convex_relative_distance"]
+    claims.append(Claim("least squares: sign + error feedback gets as close to the optimum as uncompressed SGD",
+                        NOT_RECOVERED, f"{final['sign EF']:.3f} vs {final['none']:.3f}",
+                        "<= uncompressed + 0.05 after the same steps", final["sign EF"] <= final["none"] + 0.05))
+    claims.append(Claim("least squares: sign without error feedback stalls away from the optimum", NOT_RECOVERED,
+                        f"{final['sign no EF']:.3f} (with EF {final['sign EF']:.3f})",
+                        ">= 5x the EF distance and >= 0.2", final["sign no EF"] >= max(5 * final["sign EF"], 0.2)))
+    curves(out / "convex_distance.png", {k: (list(range(1, len(v) + 1)), v) for k, v in convex.items()},
+           xlabel="step", ylabel="||w - w*|| / ||w*||", title="Least squares on 2 ranks: error feedback", logy=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k in names:
+        r = metrics["runs"][k]
+        ax.scatter(r["bytes_sent"] / 1e6, r["final_test_accuracy"], label=k)
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent per rank (whole run)")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title("LeNet on digits, 2 ranks: accuracy vs bytes")
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "accuracy_vs_bytes.png")
+    return Result(metrics=metrics, claims=claims, plots=["accuracy_vs_bytes.png", "convex_distance.png"],
+                  tables=[Table("accuracy vs bytes on the wire", ["compression", "test accuracy", "MB sent", "saving"],
+                                rows)],
+                  notes="MLSL lets the user plug quantize/dequantize functions into the exchange (notes: unconfirmed, "
+                        "from the library code); the paper's own compression results are not recovered. The int8 "
+                        "path rounds stochastically with leantrain.numerics.round_to_integer; fp16/bf16 round with "
+                        "leantrain.numerics.quantize.")
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _scaling_worker(rank: int, world: int, width: int, batch: int, steps: int, sizes: list[int]) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from leantrain.distributed import DataParallel, Distribution
+    from leantrain.distributed.timeline import summarize
+    from leantrain.models import resnet20
+
+    out: dict[str, Any] = {}
+    d = Distribution(timeout_s=300)
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(rank))
+    out["compute_only_s"] = _compute_only(width, x, y, steps, dist.barrier)
+    for label, kw in (("overlap", {}), ("no overlap", {"overlap": False})):
+        torch.manual_seed(0)
+        m = resnet20(width=width)
+        dp = DataParallel(m, d, bucket_mb=0.25, priority=False, **kw)
+        opt = dp.optimizer(torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
+        times = []
+        for _ in range(steps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.cross_entropy(dp(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out[label] = {"step_s": statistics.median(times[1:]), **summarize(dp.stats, skip=1)}
+        dp.close()
+    if sizes:
+        measured = []
+        for n in sizes:
+            t = torch.ones(n // 4)
+            dist.all_reduce(t)
+            ts = []
+            for _ in range(5):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(t)
+                ts.append(time.perf_counter() - t0)
+            measured.append(statistics.median(ts))
+        out["allreduce_s"] = measured
+    return out
+
+
+@experiment("mlsl-scaling", arxiv=ARXIV,
+            title="Scaling model: measured 1/2/4-process steps and alpha-beta predictions to 1024 nodes",
+            claim="An alpha-beta model of the collectives plus measured per-bucket compute predicts data-parallel step "
+                  "time; overlapping the exchange with backward hides communication; predicted efficiency to 1024 "
+                  "nodes for HPC-like and cloud-like links (MLSL's published points are not recovered).",
+            quick_minutes=1.2)
+def run_scaling(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
+    from leantrain.distributed import spawn
+    from leantrain.distributed.scaling import Network, fit_alpha_beta, plot_scaling, predict, profile_model
+    from leantrain.models import resnet20
+
+    width, batch, steps = (8, 16, 6) if profile == "quick" else (16, 32, 12)
+    sizes = [64 << 10, 1 << 20, 4 << 20] if profile == "quick" else [64 << 10, 1 << 20, 4 << 20, 16 << 20]
+    cores = _cores()
+    # One process: the profile (forward, backward with bucket readiness, update) and the measured 1-process step,
+    # single-threaded like the spawned ranks.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        x = torch.randn(batch, 3, 32, 32)
+        y = torch.randint(0, 10, (batch,))
+        prof = profile_model(resnet20(width=width), x, y, bucket_mb=0.25, steps=steps, name=f"resnet20 w{width}")
+        measured = {1: _scaling_worker_local(width, batch, steps)}
+    finally:
+        torch.set_num_threads(threads)
+    for p in (2, 4):
+        measured[p] = spawn(_scaling_worker, p, (width, batch, steps, sizes if p == 2 else []), timeout_s=600)[0]
+    alpha, beta = fit_alpha_beta(sizes, measured[2]["allreduce_s"], 2)
+    local = Network(latency_s=alpha, bandwidth=beta)
+
+    def contention(p: int) -> float:
+        # P single-thread processes share this host's cores (and whatever else runs on it): the slowdown of a
+        # communication-free step with P processes computing at once, measured above.
+        return measured[p]["compute_only_s"] / measured[1]["compute_only_s"]
+
+    pred = {label: predict(prof, [1, 2, 4], local, overlap=(label == "overlap"), compute_scale=contention)
+            for label in ("overlap", "no overlap")}
+    rows, errors = [], []
+    for label in ("overlap", "no overlap"):
+        for i, p in enumerate((1, 2, 4)):
+            m = measured[p][label]["step_s"]
+            pr = pred[label][i]["step_s"]
+            err = abs(pr - m) / m
+            errors.append(err)
+            rows.append([label, p, f"{m * 1e3:.1f}", f"{pr * 1e3:.1f}", f"{err * 100:.0f}%",
+                         f"{measured[p][label].get('exposed_comm_s', 0.0) * 1e3:.1f}",
+                         f"{pred[label][i]['exposed_comm_s'] * 1e3:.1f}", f"{p * batch / m:.1f}"])
+    # Curves to 1024 nodes for two settings of the same (measured) model.
+    nodes = [2 ** k for k in range(11)]
+    settings = {"HPC-like (100 Gbit/s, 2 us)": Network.from_units(100, 2),
+                "cloud-like (10 Gbit/s, 50 us)": Network.from_units(10, 50)}
+    curves_out: dict[str, Any] = {}
+    series = {}
+    for sname, net in settings.items():
+        for algo in ("ring", "tree"):
+            n2 = Network(net.latency_s, net.bandwidth, algo)
+            for label, kw in (("overlap", {}), ("no overlap", {"overlap": False}), ("overlap+int8", {"compression": "int8"}),
+                              ("overlap, compute 50x faster", {"compute_scale": lambda p: 1 / 50})):
+                rows_p = predict(prof, nodes, n2, **kw)
+                curves_out[f"{sname}, {algo}, {label}"] = rows_p
+                if algo == "ring" and label != "overlap+int8":
+                    series[f"{sname.split(' (')[0]}, {label}"] = rows_p
+    points = {"measured here (gloo, this machine)": ([1, 2, 4], [measured[1]["overlap"]["step_s"] /
+                                                                 measured[p]["overlap"]["step_s"] for p in (1, 2, 4)])}
+    plot_scaling(out / "efficiency.png", series, title=f"resnet20 w{width}, batch {batch}/process, ring all-reduce",
+                 points=points)
+    plot_scaling(out / "validation.png", {f"predicted, {k}": v for k, v in pred.items()}, key="step_s",
+                 title="1/2/4 processes on this machine: predicted vs measured",
+                 points={f"measured, {k}": ([1, 2, 4], [measured[p][k]["step_s"] for p in (1, 2, 4)])
+                         for k in ("overlap", "no overlap")})
+    max_err = max(errors)
+    exp_on = measured[2]["overlap"]["exposed_comm_s"]
+    exp_off = measured[2]["no overlap"]["exposed_comm_s"]
+    claims = [
+        Claim("alpha-beta model + measured compute predicts 1/2/4-process step time here", NOT_RECOVERED,
+              f"max error {max_err * 100:.0f}% (alpha {alpha * 1e6:.0f} us, beta {beta / 1e9:.2f} GB/s fitted)",
+              "<= 30% (timings on a shared host vary by about that much between runs)", max_err <= 0.30),
+        Claim("overlap hides communication: exposed communication with overlap < without (2 processes)",
+              NOT_RECOVERED, f"{exp_on * 1e3:.1f} ms vs {exp_off * 1e3:.1f} ms",
+              f"strictly less (at 4 processes on {cores} cores there is no idle core to overlap with)", exp_on < exp_off),
+        Claim("MLSL's published scaling points (hundreds to thousands of nodes) beside the model", NOT_RECOVERED,
+              "see curves; no published point to compare", "n/a: the notes recover no number", True),
+    ]
+    hpc = curves_out["HPC-like (100 Gbit/s, 2 us), ring, overlap"]
+    cloud = curves_out["cloud-like (10 Gbit/s, 50 us), ring, overlap"]
+    table2 = Table("predicted scaling efficiency, ring all-reduce with overlap (paper's points: not recovered)",
+                   ["processes", "HPC-like", "cloud-like", "paper (MLSL)"],
+                   [[r["processes"], f"{r['efficiency']:.3f}", f"{c['efficiency']:.3f}", NOT_RECOVERED]
+                    for r, c in zip(hpc, cloud)])
+    metrics = {"profile": prof.as_dict(), "alpha_s": alpha, "beta_Bps": beta, "cores": cores,
+               "allreduce_sizes": sizes, "allreduce_s": measured[2]["allreduce_s"],
+               "measured": {str(p): measured[p] for p in (1, 2, 4)}, "predicted_validation": pred,
+               "max_relative_error": max_err, "curves": curves_out}
+    return Result(metrics=metrics, claims=claims, plots=["efficiency.png", "validation.png"],
+                  tables=[Table("step time: measured vs predicted (weak scaling, gloo on this machine)",
+                                ["exchange", "processes", "measured ms", "predicted ms", "error", "exposed ms (meas.)",
+                                 "exposed ms (pred.)", "samples/s"], rows), table2],
+                  notes="Compute times are measured here on CPU, so the 1024-node curves describe this model with "
+                        "CPU compute; what they show is where a given link stops hiding the exchange. The notes "
+                        "recover none of MLSL's networks, node counts or efficiencies, so the paper column reads "
+                        "'not recovered' (no figure is filled from memory). Validation: P single-thread processes "
+                        f"share {cores} cores, so predicted compute is scaled by the measured slowdown of a "
+                        "communication-free step with P processes computing at once. The 'compute 50x faster' curves divide the measured compute by 50 "
+                        "(a hypothetical accelerator, not a measurement) to show where the exchange stops being hidden.")
+
+
+def _compute_only(width: int, x: torch.Tensor, y: torch.Tensor, steps: int, barrier: Any) -> float:
+    """Median step time without any communication, every rank computing at once: how fast this host computes
+    with this many processes on it (the compute input of the validation)."""
+    from leantrain.models import resnet20
+
+    torch.manual_seed(0)
+    m = resnet20(width=width)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for _ in range(steps + 1):
+        barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _scaling_worker_local(width: int, batch: int, steps: int) -> dict[str, Any]:
+    """The one-process measurement (no process group: a one-rank world)."""
+    from leantrain.distributed import DataParallel
+    from leantrain.distributed.timeline import summarize
+    from leantrain.models import resnet20
+
+    out: dict[str, Any] = {}
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(0))
+    out["compute_only_s"] = _compute_only(width, x, y, steps, lambda: None)
+    for label, kw in (("overlap", {}), ("no overlap", {"overlap": False})):
+        torch.manual_seed(0)
+        m = resnet20(width=width)
+        dp = DataParallel(m, bucket_mb=0.25, priority=False, **kw)
+        opt = dp.optimizer(torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
+        times = []
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.cross_entropy(dp(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out[label] = {"step_s": statistics.median(times[1:]), **summarize(dp.stats, skip=1)}
+        dp.close()
+    return out
