@@ -401,8 +401,9 @@ def run_scaling(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> 
                         "recover none of MLSL's networks, node counts or efficiencies, so the paper column reads "
                         "'not recovered' (no figure is filled from memory). Validation: P single-thread processes "
                         f"share {cores} cores, so predicted compute is scaled by the measured slowdown of a "
-                        "communication-free step with P processes computing at once. The 'compute 50x faster' curves divide the measured compute by 50 "
-                        "(a hypothetical accelerator, not a measurement) to show where the exchange stops being hidden.")
+                        "communication-free step with P processes computing at once. The 'compute 50x faster' "
+                        "curves divide the measured compute by 50 (a hypothetical accelerator, not a measurement) "
+                        "to show where the exchange stops being hidden.")
 
 
 def _compute_only(width: int, x: torch.Tensor, y: torch.Tensor, steps: int, barrier: Any) -> float:
