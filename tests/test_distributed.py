@@ -167,3 +167,130 @@ def test_hooks_shard_splits_the_global_batch_by_data_rank():
     batch = (torch.arange(10), torch.arange(10) * 2)
     assert all(torch.equal(a, b) for a, b in zip(hooks.shard(batch), batch))
     assert hooks.writes_checkpoint()
+
+
+# ---------------------------------------------------------------------------------------------- scaling model
+from leantrain.distributed.scaling import (  # noqa: E402
+    ModelProfile,
+    Network,
+    allreduce_time,
+    fit_alpha_beta,
+    predict,
+    reduce_scatter_time,
+)
+
+
+def test_collective_costs_follow_the_alpha_beta_formulas():
+    net = Network(latency_s=1e-5, bandwidth=1e9)
+    n = 8e6
+    for p in (2, 3, 8, 1024):
+        assert allreduce_time(n, p, net) == pytest.approx(2 * (p - 1) * 1e-5 + 2 * (p - 1) / p * n / 1e9)
+        assert reduce_scatter_time(n, p, net) == pytest.approx((p - 1) * 1e-5 + (p - 1) / p * n / 1e9)
+        tree = Network(1e-5, 1e9, "tree")
+        assert allreduce_time(n, p, tree) == pytest.approx(2 * np.ceil(np.log2(p)) * 1e-5 + 2 * n / 1e9)
+        # hierarchical with one rank per node is the ring
+        assert allreduce_time(n, p, Network(1e-5, 1e9, "hierarchical")) == pytest.approx(allreduce_time(n, p, net))
+    assert allreduce_time(n, 1, net) == 0
+    h = Network(1e-5, 1e9, "hierarchical", ranks_per_node=4, intra_latency_s=1e-6, intra_bandwidth=1e10)
+    want = 2 * (3 * 1e-6 + 3 / 4 * n / 1e10) + 2 * 255 * 1e-5 + 2 * 255 / 256 * (n / 4) / 1e9
+    assert allreduce_time(n, 1024, h) == pytest.approx(want)
+    assert Network.from_units(100, 2).bandwidth == pytest.approx(12.5e9)
+    with pytest.raises(ValueError, match="algorithm"):
+        Network(1e-6, 1e9, "butterfly")
+
+
+def _profile() -> ModelProfile:
+    # forward 10 ms, backward 30 ms; three 4 MB buckets ready 5, 15, 30 ms into backward
+    return ModelProfile("toy", 8, 0.010, 0.030, 0.002, [4 << 20] * 3, [0.005, 0.015, 0.030], 3 << 20)
+
+
+def test_predicted_step_time_matches_a_hand_computed_schedule():
+    net = Network(latency_s=0.0, bandwidth=(4 << 20) / 0.008)  # each bucket's ring all-reduce at P=2 takes 8 ms
+    on, off = predict(_profile(), [1, 2], net), predict(_profile(), [1, 2], net, overlap=False)
+    assert on[0]["step_s"] == pytest.approx(0.042) and on[0]["efficiency"] == pytest.approx(1.0)
+    # overlap: bucket 0 runs 5-13 ms, bucket 1 15-23 ms, bucket 2 30-38 ms -> 8 ms exposed after backward (30 ms)
+    assert on[1]["exposed_comm_s"] == pytest.approx(0.008)
+    assert on[1]["step_s"] == pytest.approx(0.050)
+    assert off[1]["exposed_comm_s"] == pytest.approx(0.024) and off[1]["step_s"] == pytest.approx(0.066)
+    assert on[1]["efficiency"] == pytest.approx(0.042 / 0.050)
+    assert on[1]["throughput"] == pytest.approx(2 * 8 / 0.050)
+    # an infinitely fast link scales perfectly
+    fast = predict(_profile(), [1, 64, 1024], Network(0.0, 1e30))
+    assert all(r["efficiency"] == pytest.approx(1.0) for r in fast)
+
+
+def test_alpha_beta_fit_recovers_the_parameters():
+    alpha, beta, p = 3e-5, 2e9, 2
+    sizes = [1e4, 1e5, 1e6, 1e7]
+    times = [2 * (p - 1) * alpha + 2 * (p - 1) / p * n / beta for n in sizes]
+    a, b = fit_alpha_beta(sizes, times, p)
+    assert a == pytest.approx(alpha) and b == pytest.approx(beta)
+    with pytest.raises(ValueError):
+        fit_alpha_beta([1.0], [1.0], 2)
+
+
+def test_scale_command_parses_node_lists_and_predicts(tmp_path, capsys):
+    from leantrain.cli import main
+    from leantrain.commands.scale import parse_nodes
+
+    assert parse_nodes("1,2,4,...,1024") == [2 ** k for k in range(11)]
+    assert parse_nodes("3,5") == [3, 5]
+    with pytest.raises(ValueError):
+        parse_nodes("1,x")
+    rc = main(["scale", "--model", "mlp", "--nodes", "1,2,...,64", "--bandwidth", "10", "--latency", "50",
+               "--batch-size", "8", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["predictions"]["overlap"]
+    assert [r["processes"] for r in rows] == [1, 2, 4, 8, 16, 32, 64]
+    assert rows[0]["efficiency"] == pytest.approx(1.0)
+    assert all(a["efficiency"] >= b["efficiency"] - 1e-12 for a, b in zip(rows, rows[1:]))  # more nodes never help
+    assert (tmp_path / "scale_mlp.png").is_file()
+
+
+def test_train_command_rejects_data_parallel_options_without_dp(tmp_path, capsys):
+    from leantrain.cli import main
+
+    rc = main(["train", "--model", "mlp", "--dataset", "digits", "--compression", "int8", "--out", str(tmp_path)])
+    assert rc == 2 and "--compression need --dp" in capsys.readouterr().err
+
+
+def test_train_command_dp_in_one_process_writes_trace_and_stats(tmp_path, capsys):
+    from leantrain.cli import main
+
+    rc = main(["train", "--model", "mlp", "--dataset", "digits", "--dp", "--max-steps", "4", "--epochs", "1",
+               "--bucket-mb", "0.01", "--trace", str(tmp_path / "t.json"), "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert hist["distributed"]["processes"] == 1 and hist["steps"] == 4
+    assert json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+
+
+@pytest.mark.parametrize("policy,du", [("bf16", False), ("fp16-scaled", False), ("bf16", True)])
+def test_data_parallel_hooks_compose_with_precision_hooks(policy, du):
+    from leantrain.precision import PrecisionHooks
+    from leantrain.train import fit
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 5, generator=g), torch.randint(0, 2, (64,), generator=g))
+    runs = []
+    for wrap in (False, True):
+        model = _net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        hooks = PrecisionHooks(policy)
+        if wrap:
+            hooks = DataParallelHooks(Distribution(), inner=hooks, bucket_mb=0.004, distributed_update=du)
+        hist = fit(model, opt, nn.functional.cross_entropy, data, epochs=2, batch_size=16, seed=0, hooks=hooks,
+                   eval_train=False)
+        runs.append((model, hist))
+    (a, ha), (b, hb) = runs
+    assert ha.skipped_steps == hb.skipped_steps
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_distributed_update_refuses_loss_scaling():
+    from leantrain.precision import PrecisionHooks
+
+    with pytest.raises(ValueError, match="loss scaling"):
+        DataParallelHooks(Distribution(), inner=PrecisionHooks("fp16-scaled"), distributed_update=True)

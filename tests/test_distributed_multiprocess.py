@@ -63,13 +63,14 @@ def _reference(kind: str) -> list[torch.Tensor]:
 
 
 def _dp_run(rank: int, ws: int, d: Distribution, kind: str, **kw) -> tuple[list[torch.Tensor], dict]:
+    set_to_none = kw.pop("set_to_none", True)  # False: backward accumulates straight into the buckets
     model = _mlp()
     dp = DataParallel(model, d, bucket_mb=0.001, **kw)  # ~1 KB buckets: several buckets for this tiny MLP
     opt = dp.optimizer(_optimizer(kind, model.parameters()))
     X, Y = _batches()
     b = X.shape[1] // ws
     for x, y in zip(X, Y):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         nn.functional.cross_entropy(dp(x[rank * b:(rank + 1) * b]), y[rank * b:(rank + 1) * b]).backward()
         opt.step()
     state = opt.state_dict()
@@ -94,7 +95,8 @@ def _two_rank_worker(rank: int, ws: int, resume_dir: str) -> dict:
     # data-parallel equivalence, every scheduling mode, plain and distributed update
     for kind in ("sgd", "adam"):
         for mode in ({}, {"priority": False}, {"overlap": False}, {"overlap": False, "priority": False},
-                     {"distributed_update": True}, {"distributed_update": True, "priority": False}):
+                     {"distributed_update": True}, {"distributed_update": True, "priority": False},
+                     {"set_to_none": False}):
             out[("dp", kind, tuple(sorted(mode.items())))] = _dp_run(rank, ws, d, kind, **mode)
     # model-parallel Linear vs nn.Linear (float64), forward and backward
     torch.manual_seed(5)
@@ -144,7 +146,7 @@ def two_ranks(resume_reference_dir) -> list[dict]:
 
 
 MODES = [(), (("priority", False),), (("overlap", False),), (("overlap", False), ("priority", False)),
-         (("distributed_update", True),), (("distributed_update", True), ("priority", False))]
+         (("distributed_update", True),), (("distributed_update", True), ("priority", False)), (("set_to_none", False),)]
 
 
 def test_distribution_groups(two_ranks):
@@ -416,3 +418,24 @@ def test_fit_with_data_parallel_hooks_equals_single_process_fit(two_ranks):
     for res in two_ranks:
         for p, q in zip(res["fit"], model.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.timeout(120)
+def test_cli_train_dp_under_torchrun_writes_history_and_merged_trace(tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "leantrain",
+           "train", "--model", "mlp", "--dataset", "digits", "--dp", "--epochs", "1", "--batch-size", "16",
+           "--max-steps", "6", "--bucket-mb", "0.01", "--compression", "int8", "--distributed-update",
+           "--trace", str(tmp_path / "t.json"), "--out", str(tmp_path), "--no-progress", "--json"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    hist = json.loads((tmp_path / "history.json").read_text())
+    d = hist["distributed"]
+    assert d["processes"] == 2 and d["compression"] == "int8" and d["distributed_update"] is True
+    assert hist["steps"] == 6 and len(d["bytes_per_bucket"]) == len(d["buckets"]) >= 2
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert {e["pid"] for e in trace["traceEvents"]} == {0, 1}
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["batch_size"] == 32  # the global batch: 2 processes x 16

@@ -647,7 +647,14 @@ class DistributedOptimizer:
     def _sharded_step(self) -> None:
         dp = self.dp
         self._sync_hyper()
+        r = dp.group.rank
         for b in dp.buckets:
+            # Re-read the owned slice: anything that changed the parameters since the last step (rounding of
+            # master weights, a checkpoint load, user code) must be what this step updates.
+            for p, off in zip(b.params, b.offsets):
+                lo, hi = max(off, r * b.chunk), min(off + p.numel(), (r + 1) * b.chunk)
+                if lo < hi:
+                    b.shard_param.data[lo - r * b.chunk:hi - r * b.chunk].copy_(p.detach().reshape(-1)[lo - off:hi - off])
             b.shard_param.grad = b.shard_grad.to(b.shard_param.dtype)
         self.shard_optimizer.step()
         order = sorted(dp.buckets, key=lambda b: -b.index) if dp.priority else dp.buckets
@@ -727,9 +734,9 @@ class DataParallelHooks(Hooks):
         self.dp: DataParallel | None = None
         self.optimizer: DistributedOptimizer | None = None
         self._comm_state: dict[str, Any] = {}
-        if dp_kwargs.get("distributed_update") and type(self.inner).step is not Hooks.step:
-            raise ValueError("distributed_update cannot be combined with hooks that replace the optimizer step "
-                             f"({type(self.inner).__name__}): their step reads param.grad, which the sharded update bypasses")
+        if dp_kwargs.get("distributed_update") and getattr(self.inner, "scaler", None) is not None:
+            raise ValueError(f"distributed_update cannot be combined with loss scaling ({type(self.inner).__name__}): "
+                             "unscaling and the overflow check read param.grad, which the sharded update bypasses")
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         model, optimizer = self.inner.wrap(model, optimizer)
