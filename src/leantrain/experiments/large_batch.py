@@ -185,7 +185,18 @@ def _plot_scatter(records: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     quick_minutes=2.5,
 )
 def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
-    cfg = PROFILES[profile]
+    # One intra-op thread: the batch-64 steps are latency-bound (a second thread only adds
+    # synchronization, and on a shared machine oversubscription makes it many times slower), and a
+    # fixed thread count keeps the floating-point reductions, hence the numbers, reproducible.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(PROFILES[profile], profile, out, seed, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config, profile: str, out: Path, seed: int, device: str) -> Result:
     data = load_dataset("mnist1d")
     n_train = len(data.train)
     large = int(round(cfg.large_fraction * n_train))
