@@ -266,10 +266,11 @@ def _quantize_bits(xf: torch.Tensor, fmt: FloatFormat, rounding: str, generator:
         block = _NearestBlock(fmt)
     else:
         block = _quantize_block
+    fix_nan = not getattr(block, "handles_nan", False)
     for start, stop in _blocks(n, xf.device):
         block(src[start:stop], dst[start:stop], fmt, rounding, generator)
-        nan = torch.isnan(xflat[start:stop])
-        dst[start:stop].masked_fill_(nan, _NAN)
+        if fix_nan:
+            dst[start:stop].masked_fill_(torch.isnan(xflat[start:stop]), _NAN)
     return out
 
 
@@ -352,6 +353,8 @@ class _NearestBlock:
         self.flush = not fmt.subnormals
         self.over_value = max_bits if fmt.saturating else _INF if fmt.special == "ieee" else _NAN
         self.m0 = m == 0
+        # NaN inputs lie above the overflow threshold: in non-saturating "fn" formats they already become NaN.
+        self.handles_nan = fmt.special == "fn" and not fmt.saturating
 
     def __call__(self, u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:
         a = torch.bitwise_and(u, _ABS)
@@ -377,7 +380,7 @@ class _NearestBlock:
             else:
                 o.masked_fill_(small, 0)
         o.masked_fill_(a >= self.threshold, self.over_value)
-        o |= u & _SIGN
+        o.view(torch.float32).copysign_(u.view(torch.float32))
 
 
 def _quantize_block(u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:
