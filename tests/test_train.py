@@ -271,3 +271,18 @@ def test_task_losses_against_closed_forms():
     assert sequence_cross_entropy(seq, tgt).item() == pytest.approx(manual.item(), rel=1e-6)
     with pytest.raises(ValueError, match="task must be"):
         loss_for_task("ranking")
+
+
+def test_evaluate_restores_every_submodule_mode():
+    from torch import nn as _nn
+
+    from leantrain.data import load_dataset as _load
+    from leantrain.models import LeNet as _LeNet
+    from leantrain.train import evaluate as _evaluate
+
+    model = _LeNet(in_channels=1)
+    model.train()
+    model.classifier.eval()  # mixed modes, as a partially frozen model has
+    before = [m.training for m in model.modules()]
+    _evaluate(model, _nn.functional.cross_entropy, _load("digits").test)
+    assert [m.training for m in model.modules()] == before

@@ -158,9 +158,10 @@ def evaluate(model: nn.Module, loss_fn: LossFn, dataset: Dataset, *, batch_size:
              device: str | torch.device = "cpu", metric: Callable | None = accuracy_metric) -> dict[str, float]:
     """Mean loss (and ``metric``, default accuracy) of ``model`` in eval mode over ``dataset``.
 
-    The model's train/eval mode is restored afterwards.
+    Every submodule's train/eval flag is restored afterwards (not just the top-level one: a
+    model may deliberately hold some submodules, e.g. frozen BatchNorm, in eval mode).
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     total, loss_sum, metric_sum = 0, 0.0, 0.0
     order = torch.arange(len(dataset))
@@ -172,7 +173,8 @@ def evaluate(model: nn.Module, loss_fn: LossFn, dataset: Dataset, *, batch_size:
         if metric is not None:
             metric_sum += metric(out, y) * k
         total += k
-    model.train(was_training)
+    for m, mode in modes:
+        m.training = mode
     res = {"loss": loss_sum / max(total, 1)}
     if metric is not None:
         res["accuracy"] = metric_sum / max(total, 1)
