@@ -279,9 +279,13 @@ _NATIVE_TYPES = {(8, 7): torch.bfloat16, (5, 10): torch.float16}
 _native_ok: dict[tuple[torch.dtype, str], bool] = {}
 
 
+_SMALLEST_DOUBLE = 5e-324
+
+
 def _denormals_flushed(device: torch.device) -> bool:
-    # torch.set_flush_denormal(True) (CPU only) would make the native conversion flush subnormal inputs.
-    return device.type == "cpu" and bool(torch.tensor(2.0**-140) * 2.0 == 0)
+    # torch.set_flush_denormal(True) (CPU only) sets the thread's FTZ/DAZ flags, which would make the native
+    # conversion flush subnormal inputs; Python's own float arithmetic in this thread sees the same flags.
+    return device.type == "cpu" and _SMALLEST_DOUBLE * 2.0 == 0.0
 
 
 def _native_probe(dtype: torch.dtype, fmt: FloatFormat, device: torch.device) -> bool:
