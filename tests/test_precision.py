@@ -348,6 +348,10 @@ def test_bad_policy_names_and_specs_raise_clear_errors() -> None:
                backward_weight=Gemm(DFPSpec(), DFPSpec()))
     with pytest.raises(ValueError, match="chunk must be"):
         IntAccumulator(chunk=0)
+    with pytest.raises(ValueError, match="tuple of 3"):
+        IntAccumulator(chunk=(8, 8))
+    acc = IntAccumulator(chunk=(8, None, 256))
+    assert [acc.chunk_for(g) for g in ("forward", "backward_data", "backward_weight")] == [8, None, 256]
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         emulate("not a model", "bf16")  # type: ignore[arg-type]
 

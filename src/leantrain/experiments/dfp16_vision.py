@@ -75,9 +75,10 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
                    for g in ("forward", "backward_data", "backward_weight")) for k in ("dfp16", "dfp16-unchunked")}
     metric = "final test accuracy"
     low = min(min(r.history.series("test_accuracy")) for r in runs["dfp16-unchunked"])
-    chunk = dfp.accumulator.chunk  # type: ignore[union-attr]
+    chunk = "/".join(str(c) for c in dfp.accumulator.chunk)  # type: ignore[union-attr]
     claims = [
-        Claim(f"DFP16 (INT16 operands, INT32 accumulation in chunks of {chunk}) reaches FP32's final test accuracy in the "
+        Claim(f"DFP16 (INT16 operands, INT32 accumulation in chunks of {chunk} for forward/backward-data/backward-weight) "
+              "reaches FP32's final test accuracy in the "
               "same iterations with the same hyper-parameters",
               "not recovered (ImageNet table values are unconfirmed in the notes)",
               f"dfp16 {par['dfp16'].mean:.4f} vs FP32 {par['dfp16'].fp32_mean:.4f} (delta {par['dfp16'].delta:+.4f})",

@@ -132,7 +132,7 @@ class LayerNumerics:
         # the stats then count registers whose sum left the accumulator range (wrong results).
         wide = max(s.bits for g in self.policy.gemms().values() for s in (g.a, g.b) if isinstance(s, DFPSpec))
         dt = torch.int16 if wide <= 16 else torch.int32
-        out, stats = int_matmul(a.to(dt), b.to(dt), acc_bits=acc.bits, chunk=acc.chunk,
+        out, stats = int_matmul(a.to(dt), b.to(dt), acc_bits=acc.bits, chunk=acc.chunk_for(gemm),
                                 overflow=acc.overflow, events=False)
         if self.recording():
             if stats.get("wrapped_outputs") is not None:

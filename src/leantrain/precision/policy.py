@@ -138,6 +138,10 @@ class Gemm:
         return self.a is not None or self.b is not None
 
 
+GEMM_NAMES = ("forward", "backward_data", "backward_weight")
+Chunk = int | None
+
+
 @dataclass(frozen=True)
 class IntAccumulator:
     """An integer GEMM accumulator of ``bits`` bits (:func:`leantrain.numerics.int_matmul`).
@@ -145,26 +149,44 @@ class IntAccumulator:
     ``chunk=k`` splits the reduction dimension into blocks of ``k`` products; each block is summed in
     the ``bits``-bit accumulator, converted to FP32 and the blocks are summed in FP32 (the DFP16
     paper's remedy for INT32 overflow). ``chunk=None`` accumulates the whole reduction in the
-    integer accumulator. ``overflow`` is what the accumulator does when a sum leaves its range:
+    integer accumulator. A tuple ``(forward, backward_data, backward_weight)`` gives each GEMM its own
+    chunk length (their reductions differ: input channels x taps, output channels x taps, batch x
+    positions). ``overflow`` is what the accumulator does when a sum leaves its range:
     ``"wrap"`` (two's complement, what integer hardware does), ``"saturate"`` or ``"error"``.
     """
 
     bits: int = 32
-    chunk: int | None = 8
+    chunk: Chunk | tuple[Chunk, Chunk, Chunk] = (8, 8, 256)
     overflow: Literal["wrap", "saturate", "error"] = "wrap"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 8 <= self.bits <= 64:
             raise ValueError(f"bits must be an int in [8, 64], got {self.bits!r}")
-        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
-            raise ValueError(f"chunk must be None or an int >= 1, got {self.chunk!r}")
+        chunks = self.chunk if isinstance(self.chunk, tuple) else (self.chunk,)
+        if isinstance(self.chunk, tuple) and len(self.chunk) != 3:
+            raise ValueError(f"chunk must be None, an int >= 1 or a tuple of 3 of them, got {self.chunk!r}")
+        for c in chunks:
+            if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
+                raise ValueError(f"chunk must be None, an int >= 1 or a tuple of 3 of them, got {self.chunk!r}")
         if self.overflow not in ("wrap", "saturate", "error"):
             raise ValueError(f"overflow must be 'wrap', 'saturate' or 'error', got {self.overflow!r}")
 
+    def chunk_for(self, gemm: str) -> Chunk:
+        """The chunk length of GEMM ``gemm`` (``"forward"``, ``"backward_data"`` or ``"backward_weight"``)."""
+        if isinstance(self.chunk, tuple):
+            return self.chunk[GEMM_NAMES.index(gemm)]
+        return self.chunk
+
     @property
     def label(self) -> str:
-        return f"INT{self.bits}" + (f", chunks of {self.chunk} -> FP32" if self.chunk else ", unchunked") + \
-            f", {self.overflow} on overflow"
+        def one(c: Chunk) -> str:
+            return f"chunks of {c} -> FP32" if c else "unchunked"
+
+        if isinstance(self.chunk, tuple):
+            text = "; ".join(f"{g}: {one(c)}" for g, c in zip(GEMM_NAMES, self.chunk))
+        else:
+            text = one(self.chunk)
+        return f"INT{self.bits} ({text}), {self.overflow} on overflow"
 
 
 @dataclass(frozen=True)
@@ -310,10 +332,11 @@ def _named() -> dict[str, Policy]:
         "fp8": _float_policy("fp8", e4m3, e5m2),
         # DFP16: activations and weights rounded to nearest; output gradients stochastically, which
         # keeps small gradients unbiased under the shared exponent (the paper's choice was not
-        # recovered, see docs/precision.md). INT32 accumulation in chunks of 8 products: the longest chunk
-        # with no wrapped register in dfp16-vision's measurement (the paper's block length was not recovered).
+        # recovered, see docs/precision.md). INT32 accumulation in chunks of 8 products (forward, backward-data)
+        # and 256 (backward-weight): per GEMM the longest chunk with no wrapped register in dfp16-vision's
+        # measurement (the paper's block length was not recovered).
         "dfp16": Policy("dfp16", forward=Gemm(dfp, dfp), backward_data=Gemm(dfp_sr, dfp),
-                        backward_weight=Gemm(dfp, dfp_sr), accumulator=IntAccumulator(32, 8, "wrap")),
+                        backward_weight=Gemm(dfp, dfp_sr), accumulator=IntAccumulator(32, (8, 8, 256), "wrap")),
     }
 
 
