@@ -122,8 +122,8 @@ def train_gan(policy: str, seed: int, cfg: dict, real: torch.Tensor, out: Path, 
         hg.backward(g_loss)
         hg.step(og)
         state["step"] += 1
-        state["d_loss"].append(float(d_loss))
-        state["g_loss"].append(float(g_loss))
+        state["d_loss"].append(float(d_loss.detach()))
+        state["g_loss"].append(float(g_loss.detach()))
         if state["step"] % cfg["eval_every"] == 0 or state["step"] == cfg["steps"]:
             state["history"].append({"step": state["step"], **score(gen, clf, cfg["samples"] // 2, seed, device)})
             save_torch(ckpt, {"gen": gen.state_dict(), "disc": disc.state_dict(), "og": og.state_dict(),
