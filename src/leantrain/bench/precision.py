@@ -4,7 +4,8 @@ Every row times a full SGD step (forward, backward, update) of the same ResNet o
 candidate is a copy of the model emulated under one policy, the baseline the plain FP32 model,
 interleaved in one run (:func:`leantrain.bench.compare`). A last row times native
 ``torch.autocast(dtype=torch.bfloat16)`` (real BF16 kernels where the hardware has them) against the same
-FP32 step, as a reference point for what emulation costs beyond native low precision.
+FP32 step, as a reference point for what emulation costs beyond native low precision. Two more rows time
+bf16 and dfp16 on the small CNN the precision experiments train (ResNet-8, width 8, 8x8 digits).
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         rows.append(row)
         if name in BOUNDS:
             checks.append(check(f"{name} step / fp32 step", row["ratio"], "<=", BOUNDS[name]))
+    # The CNN of the bf16-vision / dfp16-vision experiments (8x8 digits), where the GEMMs are small.
+    small = resnet20(width=8, depth=8, in_channels=1).to(device)
+    xs = torch.randn(32, 1, 8, 8, device=device)
+    ys = torch.randint(0, 10, (32,), device=device)
+    small_fp32 = _step_fn(small, xs, ys)
+    for name in ("bf16", "dfp16"):
+        model = emulate(copy.deepcopy(small), name)
+        row = compare(f"{name} step, experiment CNN (8x8)", _step_fn(model, xs, ys), small_fp32,
+                      baseline_name="fp32 step, experiment CNN (8x8)", repeats=repeats,
+                      min_sample_s=0.1 if quick else 0.3, device=device)
+        row["policy"] = name
+        rows.append(row)
     try:
         native = _step_fn(copy.deepcopy(base), x, y, autocast=True)
         native()
