@@ -95,9 +95,13 @@ class _Recorder:
 
 
 def run_pbqn(problem: Problem, *, max_passes: float = 20.0, max_iterations: int = 100_000, batch_size: int = 64,
-             overlap: float = 0.25, seed: int = 0, stop: Stop | None = None, **options: Any) -> Trace:
+             overlap: float = 0.25, seed: int = 0, stop: Stop | None = None, records_per_pass: float | None = None,
+             **options: Any) -> Trace:
     """PBQN from the problem's current weights; ``options`` go to :class:`PBQN` (``curvature``,
-    ``update``, ``test``, ``theta``, ...). Full-overlap pairs use a sampler without overlap."""
+    ``update``, ``test``, ``theta``, ...). Full-overlap pairs use a sampler without overlap.
+
+    Every iteration is recorded, or with ``records_per_pass`` only iterations at least
+    ``1/records_per_pass`` passes after the previous record (and the last one)."""
     counter = WorkCounter()
     fo = options.get("curvature") == "full-overlap"
     sampler = ProgressiveSampler(problem.n, batch_size, overlap=0.0 if fo else overlap, seed=seed)
@@ -105,13 +109,20 @@ def run_pbqn(problem: Problem, *, max_passes: float = 20.0, max_iterations: int 
     trace = Trace("pbqn", info={"initial_batch": batch_size, "overlap": sampler.overlap, **opt.defaults})
     rec = _Recorder(problem, trace, stop)
     rec(0.0, batch_size=sampler.batch_size, iteration=0)
+    last_recorded = 0.0
     for it in range(1, max_iterations + 1):
-        rows = torch.as_tensor(sampler.next_batch())
+        rows = torch.as_tensor(sampler.next_batch(), device=problem.y_train.device)
         opt.step(problem.batch_loss(rows, counter=counter))
         last = opt.log[-1]
-        done = rec(counter.passes(problem.n), iteration=it, batch_size=last["batch_size"], alpha0=last["alpha0"],
-                   alpha=last["alpha"], backtracks=last["backtracks"], pair=last["pair"])
-        if done or counter.passes(problem.n) >= max_passes:
+        passes = counter.passes(problem.n)
+        final = passes >= max_passes or it == max_iterations
+        if records_per_pass is None or final or passes - last_recorded >= 1.0 / records_per_pass:
+            last_recorded = passes
+            done = rec(passes, iteration=it, batch_size=last["batch_size"], alpha0=last["alpha0"], alpha=last["alpha"],
+                       backtracks=last["backtracks"], pair=last["pair"])
+            if done:
+                break
+        if final:
             break
     trace.counters = {**opt.counters, **counter.as_dict()}
     trace.info["batch_sizes"] = [r["batch_size"] for r in opt.log]
