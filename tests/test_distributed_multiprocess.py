@@ -64,8 +64,11 @@ def _reference(kind: str) -> list[torch.Tensor]:
 
 def _dp_run(rank: int, ws: int, d: Distribution, kind: str, **kw) -> tuple[list[torch.Tensor], dict]:
     set_to_none = kw.pop("set_to_none", True)  # False: backward accumulates straight into the buckets
+    message_bytes = kw.pop("message_bytes", None)  # all-reduce buckets in pieces of this many bytes
     model = _mlp()
     dp = DataParallel(model, d, bucket_mb=0.001, **kw)  # ~1 KB buckets: several buckets for this tiny MLP
+    if message_bytes:
+        dp.MESSAGE_BYTES = message_bytes
     opt = dp.optimizer(_optimizer(kind, model.parameters()))
     X, Y = _batches()
     b = X.shape[1] // ws
@@ -96,7 +99,7 @@ def _two_rank_worker(rank: int, ws: int, resume_dir: str) -> dict:
     for kind in ("sgd", "adam"):
         for mode in ({}, {"priority": False}, {"overlap": False}, {"overlap": False, "priority": False},
                      {"distributed_update": True}, {"distributed_update": True, "priority": False},
-                     {"set_to_none": False}):
+                     {"set_to_none": False}, {"message_bytes": 200}):
             out[("dp", kind, tuple(sorted(mode.items())))] = _dp_run(rank, ws, d, kind, **mode)
     # model-parallel Linear vs nn.Linear (float64), forward and backward
     torch.manual_seed(5)
@@ -146,7 +149,8 @@ def two_ranks(resume_reference_dir) -> list[dict]:
 
 
 MODES = [(), (("priority", False),), (("overlap", False),), (("overlap", False), ("priority", False)),
-         (("distributed_update", True),), (("distributed_update", True), ("priority", False)), (("set_to_none", False),)]
+         (("distributed_update", True),), (("distributed_update", True), ("priority", False)), (("set_to_none", False),),
+         (("message_bytes", 200),)]
 
 
 def test_distribution_groups(two_ranks):

@@ -126,6 +126,9 @@ class DataParallel(nn.Module):
     into the bare model.
     """
 
+    #: Buckets larger than this are all-reduced in pieces (each averaged as soon as it arrives).
+    MESSAGE_BYTES = 8 << 20
+
     def __init__(self, module: nn.Module, distribution: Distribution | None = None, *, bucket_mb: float = 25.0,
                  compression: str | Compression | None = "none", error_feedback: bool = True, priority: bool = True,
                  overlap: bool = True, distributed_update: bool = False, broadcast: bool = True,
@@ -337,10 +340,19 @@ class DataParallel(nn.Module):
         label = f"bucket {b.index} ({b.nbytes / 1e6:.3g} MB, step {self._step_index})"
         if not self.compressed:
             if self.distributed_update:
-                pend = self.group.reduce_scatter(b.shard_grad, b.grad, f"reduce_scatter of {label}")
+                b.works.append(self.group.reduce_scatter(b.shard_grad, b.grad, f"reduce_scatter of {label}"))
             else:
-                pend = self.group.all_reduce(b.grad, f"all_reduce of {label}")
-            b.works.append(pend)
+                # Messages above MESSAGE_BYTES go as several all-reduces, and each piece is averaged as soon as it
+                # arrives (by whoever waits for it), so the averaging pass overlaps the transfer of the next piece.
+                step = max(1, self.MESSAGE_BYTES // b.grad.element_size())
+                pieces = range(0, b.padded, step)
+                for lo in pieces:
+                    piece = b.grad[lo:lo + step]
+                    where = f" [{lo}:{lo + piece.numel()}]" if len(pieces) > 1 else ""
+                    pend = self.group.all_reduce(piece, f"all_reduce of {label}{where}")
+                    if self.parts > 1:
+                        pend.then(lambda piece=piece: piece.mul_(1.0 / self.parts))
+                    b.works.append(pend)
         else:
             self._compressed_exchange(b, label)
         if wait:
@@ -443,14 +455,8 @@ class DataParallel(nn.Module):
 
     @torch.no_grad()
     def _write_grads(self) -> None:
-        inv = 1.0 / self.parts
         for b in self.buckets:
-            if self.compressed:
-                flat = b.result
-            else:
-                flat = b.grad
-                if self.parts > 1:
-                    flat.mul_(inv)
+            flat = b.result if self.compressed else b.grad  # averaged already (per piece, see _exchange)
             for p, off in zip(b.params, b.offsets):
                 # param.grad becomes a view of the bucket (no copy); with zero_grad(set_to_none=False) the next
                 # backward then accumulates straight into the bucket and the copy in _on_grad is skipped.
