@@ -208,12 +208,18 @@ class BatchLoss:
 
         def sample_loss(variables: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
             out = functional_call(self.model, {**fixed, **variables}, (xi.unsqueeze(0),))
-            value = self.loss_fn(out, yi.unsqueeze(0)).reshape(()) + self.penalty({**fixed, **variables})
+            value = self.loss_fn(out, yi.unsqueeze(0)).reshape(())
             return value, value
 
         variables = {n: p.detach() for n, p in zip(names, params)}
         grads, values = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(variables, x, y)
-        return values, torch.cat([grads[n].reshape(len(x), -1) for n in names], dim=1)
+        flat = torch.cat([grads[n].reshape(len(x), -1) for n in names], dim=1)
+        if self.l2 != 0.0:
+            # the penalty is the same for every sample: its value and gradient l2 * w_reg are added once
+            values = values + self.penalty({**fixed, **variables})
+            w = flatten([v for v in variables.values()])
+            flat = flat + self.l2 * self.regularized_mask(params).to(w) * w
+        return values, flat
 
     def hvp(self, params: Sequence[torch.Tensor], vector: torch.Tensor, rows: Rows = None) -> torch.Tensor:
         """``nabla^2 F_S(w) vector`` (mean over ``rows``) by double backprop; counts ``|rows|`` gradient
