@@ -22,6 +22,7 @@ from leantrain.optim import (
     powell_damping,
     two_loop,
 )
+from leantrain.optim.pbqn import initial_steplength, quadratic_forms
 from leantrain.optim.problems import binary_logistic_loss, make_problem, reference_optimum
 from leantrain.optim.runs import compare_iterates, run_dance, run_dance_distributed
 
@@ -59,6 +60,8 @@ def test_two_loop_equals_dense_bfgs_inverse():
     torch.testing.assert_close(two_loop(g, s_list, y_list, gamma), h @ g, rtol=1e-12, atol=1e-12)
     batch = torch.randn(4, d, generator=gen)
     torch.testing.assert_close(two_loop(batch, s_list, y_list, gamma), batch @ h.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(quadratic_forms(batch, s_list, y_list, gamma), ((batch @ h) * batch).sum(1),
+                               rtol=1e-10, atol=1e-10)
     # the newest pair satisfies the secant equation H y = s
     torch.testing.assert_close(h @ y_list[-1], s_list[-1], rtol=1e-10, atol=1e-10)
 
@@ -167,6 +170,13 @@ def test_sample_test_statistic_matches_numpy_and_formula():
     assert t.rhs == pytest.approx(theta**2 * ghg**2, rel=1e-12)
     assert t.passed == (fpc * var / b <= theta**2 * ghg**2)
     assert t.b_hat == min(n, math.ceil(n * var / ((n - 1) * t.rhs + var)))
+    grads = gen.normal(size=(40, 6))
+    var_vec = float(np.var(grads, axis=0, ddof=1).sum())
+    g = torch.from_numpy(grads.mean(0))
+    centered = torch.from_numpy(grads - grads.mean(0))
+    assert float(centered.pow(2).sum()) / 39 == pytest.approx(var_vec, rel=1e-12)
+    assert initial_steplength(var_vec, g, b, n) == pytest.approx(1 / (1 + fpc * var_vec / (b * float(g.dot(g)))))
+    assert initial_steplength(var_vec, g, n, n) == 1.0  # the whole data set: exact gradient, unit trial step
     # the size it asks for passes the test with the same variance estimate
     fpc_hat = (n - t.b_hat) / (n - 1)
     assert fpc_hat * var / t.b_hat <= t.rhs * (1 + 1e-12)

@@ -49,8 +49,11 @@ def _workload_rows(name: str, model: nn.Module, loss_fn, x: torch.Tensor, y: tor
         twin_objective.losses().mean().backward()
         sgd.step()
 
-    # the sampler's data set is 10 batches, so the batch is a sample and per-sample gradients are needed
-    pbqn = PBQN(params, ProgressiveSampler(10 * batch, batch, overlap=0.25), lr=1e-3)
+    # PBQN steps its own copy too; the sampler's data set is 10 batches, so the batch is a sample and
+    # per-sample gradients are needed
+    pbqn_model = copy.deepcopy(model)
+    pbqn_objective = BatchLoss(pbqn_model, loss_fn, x, y, l2=1e-4)
+    pbqn = PBQN(pbqn_model.parameters(), ProgressiveSampler(10 * batch, batch, overlap=0.25), lr=1e-3)
     _, g = objective.gradient(params, create_graph=True)
     u = torch.randn_like(g)
 
@@ -62,7 +65,7 @@ def _workload_rows(name: str, model: nn.Module, loss_fn, x: torch.Tensor, y: tor
     same = dict(baseline_name="one SGD step, same batch", repeats=repeats, device=device)
     grad = dict(baseline_name="one gradient (forward + backward)", repeats=repeats, device=device)
     rows = [
-        compare(f"{name}: one PBQN iteration (b={batch})", lambda: pbqn.step(objective), sgd_step, **same),
+        compare(f"{name}: one PBQN iteration (b={batch})", lambda: pbqn.step(pbqn_objective), sgd_step, **same),
         compare(f"{name}: one DANCE CG iteration (retained graph)", cg_iteration, sgd_step, **same),
         compare(f"{name}: HVP by double backprop (from scratch)", lambda: objective.hvp(params, u),
                 lambda: objective.gradient(params), **grad),
