@@ -26,11 +26,18 @@ from leantrain.optim.pbqn import initial_steplength, quadratic_forms
 from leantrain.optim.problems import binary_logistic_loss, make_problem, reference_optimum
 from leantrain.optim.runs import compare_iterates, run_dance, run_dance_distributed
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64_default():
+    """These tests compare against float64 oracles (scipy, dense algebra); scope it to this module."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @pytest.fixture(scope="module")
-def convex():
+def convex(_float64_default):
     """Strongly convex L2 logistic regression on breast cancer (float64) and its scipy optimum."""
     problem = make_problem("logreg", "breast_cancer", l2=1e-2)
     return problem, reference_optimum(problem)
