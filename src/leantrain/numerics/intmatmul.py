@@ -182,7 +182,8 @@ def _exact_chunk_sums(a2: torch.Tensor, b: torch.Tensor, c: int) -> torch.Tensor
         # (nb, M, blk) @ (nb, blk, N): one exact float32 GEMM per block
         return torch.bmm(x.reshape(m_, nb, blk).transpose(0, 1), y.reshape(nb, blk, n_)).to(torch.float64)
 
-    sums = blocks(ah, bh) * 65536.0 + (blocks(ah, bl) + blocks(al, bh)) * 256.0 + blocks(al, bl)
+    sums = blocks(ah, bh).mul_(65536.0)  # in place: these (blocks, M, N) float64 tensors are the big ones
+    sums.add_(blocks(ah, bl), alpha=256.0).add_(blocks(al, bh), alpha=256.0).add_(blocks(al, bl))  # exact (< 2^53)
     if blk == c:
         return sums
     return sums.reshape(nch, c // blk, m_, n_).sum(dim=1)  # exact: |sums| < 2^53
