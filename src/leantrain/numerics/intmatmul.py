@@ -25,12 +25,12 @@ overflow actually happens.
 Fast path (``events=False``, ``overflow="wrap"``): a wrapping register ends at ``wrap(exact chunk sum)`` whatever
 happens on the way (two's-complement addition is associative modulo ``2^acc_bits``), so only the exact chunk
 sums are needed, not the sequence of partial sums. For operands with ``|a|, |b| < 2^15`` (DFP16 mantissas)
-they come from float32 GEMMs, exactly: each operand is split into 8-bit pieces ``a = 256 a_h + a_l``
-(``a_l`` in [0, 256), ``|a_h| <= 128``), every piece product is below ``2^16`` in magnitude, so the sum of
-at most 256 of them stays below ``2^24`` and every partial sum of a float32 GEMM over such a block is an
-exactly representable integer, in any summation order. Four batched float32 GEMMs per block and an exact
-float64 recombination ``2^16 HH + 2^8 (HL + LH) + LL`` give the block sums; blocks are summed exactly in float64
-into chunk sums. ``stats["wrapped_outputs"]`` then counts registers whose exact sum left the range (their
+they come from one batched float64 GEMM over the chunks, exactly: every product and every partial sum, in any
+summation order, is an integer below ``K max|a| max|b| < 2^53`` (checked). The GEMM is solved transposed,
+``(chunks, N, c) @ (chunks, c, M)``, tile by tile over the outputs (a bounded buffer); a tile whose sums all lie in
+range (one ``aminmax``) needs no remainder. The wrapped registers are then rounded to float32 and summed in
+float32 in chunk order, the same float32 additions per output as the register-by-register emulation.
+``stats["wrapped_outputs"]`` then counts registers whose exact sum left the range (their
 result wrapped, i.e. is wrong); transient excursions that come back into range are harmless under wrap and
 are not counted (``overflow_events`` is None). Otherwise (``events=True``, the default) the exact
 emulation below runs.
@@ -149,67 +149,87 @@ def _accumulate(a: torch.Tensor, b: torch.Tensor, acc_bits: int, overflow: str) 
     return reg, events, exact
 
 
-_PIECE_BLOCK = 256  # 8-bit piece products are < 2^16: 256 of them sum exactly in float32 (< 2^24)
+# Registers (chunk sums) computed per tile of output rows: bounds the (chunks x rows x N) float64 buffer to 16 MiB.
+_TILE_ELEMENTS = 1 << 21
 
 
-def _block_len(c: int) -> int:
-    """Largest divisor of the chunk length ``c`` that is <= _PIECE_BLOCK (blocks never straddle chunks)."""
-    if c <= _PIECE_BLOCK:
-        return c
-    return max(d for d in range(1, _PIECE_BLOCK + 1) if c % d == 0)
+def _wrap_chunk_sums_t(at_src: torch.Tensor, b: torch.Tensor, c: int, acc_bits: int, int_out: bool,
+                       b_transposed: bool = False) -> tuple[torch.Tensor, int, int, int]:
+    """Core of the ``events=False`` wrap path (module doc): registers = wrap(exact chunk sums), then the chunk
+    registers rounded to float32 and summed in float32 in chunk order (``int_out=False``), or the single
+    register itself (``int_out=True``, one chunk).
 
+    ``at_src``: the integer-valued operand A **transposed**, (K, M), given as any tensor (integer or float dtype)
+    whose row-major element order is that of A^T, e.g. a (K, N, L) view (callers that hold A^T save a transpose);
+    ``b``: (K, N), or with ``b_transposed`` B^T (N, K) given likewise as any tensor with B^T's row-major element
+    order and ``b.shape[0] == N``. Requires ``K max|a| max|b| < 2^53``. Returns ``(out (M, N), wrapped registers, max |exact
+    chunk sum|, chunks)``.
 
-def _exact_chunk_sums(a2: torch.Tensor, b: torch.Tensor, c: int) -> torch.Tensor:
-    """Exact sums of each length-``c`` chunk of the reduction, float64 (n_chunks, M, N), for |a|, |b| < 2^15."""
-    m_, k_ = a2.shape
-    n_ = b.shape[1]
+    The chunk sums come from one batched float64 GEMM per tile of output rows, solved transposed:
+    sums^T = (chunks, N, c) @ (chunks, c, rows), since long output rows suit the GEMM kernels far better than a
+    small N. Every product and partial sum is an integer below ``2^53``, so float64 computes them exactly in any
+    order. A tile is screened with one ``aminmax``: when every sum is in range nothing wrapped and no remainder is
+    taken. The float32 accumulation across chunks is the same sequence of float32 additions per output as a
+    register-by-register emulation.
+    """
+    if b_transposed:
+        n_ = b.shape[0]
+        k_ = b.numel() // n_ if n_ else 0
+    else:
+        k_, n_ = b.shape
+    m_all = at_src.numel() // k_ if k_ else 0
     c = min(c, k_)  # a chunk longer than K is one chunk of K
-    blk = _block_len(c)
     nch = (k_ + c - 1) // c
     kp = nch * c
-    if kp != k_:  # pad K with zeros to whole chunks (zeros add nothing)
-        a2 = torch.nn.functional.pad(a2, (0, kp - k_))
-        b = torch.nn.functional.pad(b, (0, 0, 0, kp - k_))
-    # 8-bit pieces by arithmetic shift (floor division) and mask: a = 256 * a_h + a_l, 0 <= a_l < 256
-    ai, bi = a2.to(torch.int32), b.to(torch.int32)
-    ah, al = (ai >> 8).to(torch.float32), (ai & 255).to(torch.float32)
-    bh, bl = (bi >> 8).to(torch.float32), (bi & 255).to(torch.float32)
-    nb = kp // blk
-
-    def blocks(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if nb == 1:
-            return (x @ y).to(torch.float64).unsqueeze(0)
-        # (nb, M, blk) @ (nb, blk, N): one exact float32 GEMM per block
-        return torch.bmm(x.reshape(m_, nb, blk).transpose(0, 1), y.reshape(nb, blk, n_)).to(torch.float64)
-
-    sums = blocks(ah, bh).mul_(65536.0)  # in place: these (blocks, M, N) float64 tensors are the big ones
-    sums.add_(blocks(ah, bl), alpha=256.0).add_(blocks(al, bh), alpha=256.0).add_(blocks(al, bl))  # exact (< 2^53)
-    if blk == c:
-        return sums
-    return sums.reshape(nch, c // blk, m_, n_).sum(dim=1)  # exact: |sums| < 2^53
+    # A^T materialised once, in float64, K padded with zeros to whole chunks (zeros add nothing).
+    at = (torch.zeros if kp != k_ else torch.empty)(kp, m_all, dtype=torch.float64, device=b.device)
+    at[:k_].view(at_src.shape).copy_(at_src)
+    if b_transposed:
+        btf = torch.empty(n_, k_, dtype=torch.float64, device=b.device)
+        btf.view(b.shape).copy_(b)
+        if kp != k_:
+            btf = torch.nn.functional.pad(btf, (0, kp - k_))
+        bt = btf.reshape(n_, nch, c).transpose(0, 1)  # (nch, N, c)
+    else:
+        bf = b.to(torch.float64)
+        if kp != k_:
+            bf = torch.nn.functional.pad(bf, (0, 0, 0, kp - k_))
+        bt = bf.reshape(nch, c, n_).transpose(1, 2)  # (nch, N, c)
+    lo, hi = -(2 ** (acc_bits - 1)), 2 ** (acc_bits - 1) - 1
+    tile = max(1, _TILE_ELEMENTS // max(nch * n_, 1))
+    out = torch.empty(n_, m_all, dtype=(torch.int32 if acc_bits <= 32 else torch.int64) if int_out else torch.float32,
+                      device=b.device)
+    n_wrapped, max_abs = 0, 0
+    for s in range(0, m_all, tile):
+        t = min(tile, m_all - s)
+        sums = torch.bmm(bt, at[:, s:s + t].reshape(nch, c, t))  # (nch, N, t), exact
+        if sums.numel():
+            mn, mx = (int(v) for v in sums.aminmax())
+            max_abs = max(max_abs, -mn, mx)
+            if mn < lo or mx > hi:
+                n_wrapped += int(((sums < lo) | (sums > hi)).sum())
+                # float64 remainder is exact for these integers (|sums| < 2^53)
+                sums = torch.remainder(sums - lo, 2.0**acc_bits).add_(lo)
+        if int_out:
+            out[:, s:s + t] = sums[0]
+        else:
+            r32 = sums.to(torch.float32)
+            acc = out[:, s:s + t]
+            acc.copy_(r32[0])
+            for r in r32[1:]:
+                acc.add_(r)  # float32 accumulation across chunks, in order
+    return out.t().contiguous(), n_wrapped, max_abs, nch
 
 
 def _wrap_fast(a2: torch.Tensor, b: torch.Tensor, c: int, acc_bits: int, chunk: int | None, lead: torch.Size,
                m_: int, n_: int, k_: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The ``events=False`` wrap path (module doc): registers = wrap(exact chunk sums)."""
-    sums = _exact_chunk_sums(a2, b, c)
-    lo, hi = -(2 ** (acc_bits - 1)), 2 ** (acc_bits - 1) - 1
-    out_of_range = (sums < lo) | (sums > hi)
-    n_wrapped = int(out_of_range.sum())
-    # float64 remainder is exact for these integers (|sums| < 2^53)
-    regs = torch.remainder(sums - lo, 2.0**acc_bits) + lo if n_wrapped else sums
-    if chunk is None:
-        result = regs[0].to(torch.int32 if acc_bits <= 32 else torch.int64)
-    else:
-        r32 = regs.to(torch.float32)
-        result = r32[0]
-        for r in r32[1:]:
-            result = result + r  # float32 accumulation across chunks, in order
+    """The ``events=False`` wrap path (module doc), see :func:`_wrap_chunk_sums_t`."""
+    out, n_wrapped, max_abs, nch = _wrap_chunk_sums_t(a2.t(), b, c, acc_bits, chunk is None)
     stats = {"overflow_events": None, "overflowed_outputs": None, "wrapped_outputs": n_wrapped,
-             "accumulations": m_ * n_ * k_, "chunks": int(sums.shape[0]),
-             "max_abs_exact": int(sums.abs().max()) if sums.numel() else 0, "acc_bits": acc_bits, "chunk": chunk,
-             "overflow_rate": None, "registers": int(sums.numel())}
-    return result.reshape(*lead, m_, n_), stats
+             "accumulations": m_ * n_ * k_, "chunks": nch,
+             "max_abs_exact": max_abs, "acc_bits": acc_bits, "chunk": chunk,
+             "overflow_rate": None, "registers": nch * a2.shape[0] * n_}
+    return out.reshape(*lead, m_, n_), stats
 
 
 def int_matmul(

@@ -220,8 +220,10 @@ def _dfp_conv_forward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp:
     x2, w2 = _as2d(xm), _as2d(wm)
     n, (kh, kw) = x2.shape[0], w2.shape[-2:]
     if not geo.transposed:
-        rows = _unfold_rows(x2, (kh, kw), dil, pad, stride)                       # (N*L, C*k)
-        out = L.int_gemm(rows, w2.reshape(w2.shape[0], -1).t(), exp, "forward")  # (N*L, O)
+        cols = F.unfold(x2, (kh, kw), dilation=dil, padding=pad, stride=stride)  # (N, C*k, L)
+        # rows (N*L, C*k) handed over transposed: (C*k, N, L) is A^T in row-major order, no transposing copy
+        out = L.int_gemm(cols.transpose(0, 1), w2.reshape(w2.shape[0], -1).t(), exp, "forward",
+                         transposed=True)                                             # (N*L, O)
         ho = (x2.shape[2] + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
         wo = (x2.shape[3] + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
         y = out.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo)
@@ -246,14 +248,16 @@ def _dfp_conv_backward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp
         o = w2.shape[0]
         if gd is not None:
             gm, ge = gd
-            g_rows = _as2d(gm).reshape(n, o, -1).transpose(1, 2).reshape(-1, o)          # (N*L, O)
-            rows = L.int_gemm(g_rows, w2.reshape(o, -1), ge + we, "backward_data")       # (N*L, C*k)
+            g_t = _as2d(gm).reshape(n, o, -1).transpose(0, 1)                          # (O, N, L): rows^T
+            rows = L.int_gemm(g_t, w2.reshape(o, -1), ge + we, "backward_data", transposed=True)  # (N*L, C*k)
             dx = _fold_rows(rows, n, tuple(x2.shape[2:]), (kh, kw), dil, pad, stride)   # type: ignore[arg-type]
         if gw is not None:
             gm, ge = gw
-            g_rows = _as2d(gm).reshape(n, o, -1).transpose(1, 2).reshape(-1, o)
-            x_rows = _unfold_rows(x2, (kh, kw), dil, pad, stride)                       # (N*L, C*k)
-            dw = L.int_gemm(g_rows.t(), x_rows, ge + xe, "backward_weight").reshape(w2.shape)
+            g_t = _as2d(gm).reshape(n, o, -1).transpose(1, 2)                          # (N, L, O): (g_rows.t())^T
+            x_cols = F.unfold(x2, (kh, kw), dilation=dil, padding=pad, stride=stride)    # (N, C*k, L)
+            # x_rows (N*L, C*k) handed over transposed: (C*k, N, L) is x_rows^T in row-major order
+            dw = L.int_gemm(g_t, x_cols.transpose(0, 1), ge + xe, "backward_weight", transposed=True,
+                            b_transposed=True).reshape(w2.shape)
     else:
         cin = x2.shape[1]
         if gd is not None:

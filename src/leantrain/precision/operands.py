@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from leantrain.numerics import int_matmul, quantize, to_dfp
+from leantrain.numerics.intmatmul import _wrap_chunk_sums_t
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.policy import DFPSpec, FloatSpec, IntAccumulator, Policy
 
@@ -120,19 +121,43 @@ class LayerNumerics:
             self.recorder.observe(self.name, tensor, t, q, max_value=top, min_normal=None, exponent=exp)  # type: ignore[union-attr]
         return mf, exp
 
-    def int_gemm(self, a: torch.Tensor, b: torch.Tensor, scale_exp: int, gemm: str) -> torch.Tensor:
+    def int_gemm(self, a: torch.Tensor, b: torch.Tensor, scale_exp: int, gemm: str, *,
+                 transposed: bool = False, b_transposed: bool = False) -> torch.Tensor:
         """``(a @ b) * 2**scale_exp`` for integer-valued float32 ``a`` (M, K) and ``b`` (K, N), the products
         accumulated exactly as the policy's :class:`IntAccumulator` does (:func:`leantrain.numerics.int_matmul`:
-        chunks, overflow rule), the result rescaled to float32."""
+        chunks, overflow rule), the result rescaled to float32.
+
+        ``transposed=True``: ``a`` holds A^T instead, as any tensor whose row-major element order is that of the
+        (K, M) matrix A^T (e.g. a convolution's (C*k, N, L) view), which saves the transposing copy;
+        ``b_transposed=True`` likewise for ``b``: B^T (N, K) in row-major order, with ``b.shape[0] == N``."""
         acc = self.policy.accumulator
         assert isinstance(acc, IntAccumulator)
+        if b_transposed:
+            n = b.shape[0]
+            k = b.numel() // n if n else 0
+        else:
+            k, n = b.shape
+        m = (a.numel() // k if k else 0) if transposed else a.shape[0]
         if scale_exp >= NONFINITE // 2:  # an operand held Inf/NaN
-            return torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=torch.float32, device=a.device)
+            return torch.full((m, n), float("nan"), dtype=torch.float32, device=a.device)
         # events=False: with wrap-around only the exact chunk sums matter (fast exact path of int_matmul);
         # the stats then count registers whose sum left the accumulator range (wrong results).
         wide = max(s.bits for g in self.policy.gemms().values() for s in (g.a, g.b) if isinstance(s, DFPSpec))
+        chunk = acc.chunk_for(gemm)
+        if acc.overflow == "wrap" and wide <= 16 and acc.bits <= 62 and 0 < k < 2**23:
+            # int_matmul's fast wrap path itself, without the integer casts: DFP16 mantissas are integers with
+            # |m| < 2^15, so K |a| |b| < 2^53 (its exactness condition) holds for K < 2^23.
+            out, bad, _, nch = _wrap_chunk_sums_t(a if transposed else a.t(), b, chunk or k, acc.bits, chunk is None,
+                                                  b_transposed)
+            if self.recording():
+                self.recorder.observe_accumulator(self.name, gemm, nch * m * n, bad)  # type: ignore[union-attr]
+            return _ldexp(out.to(torch.float32), scale_exp)
+        if transposed:
+            a = a.reshape(k, m).t()
+        if b_transposed:
+            b = b.reshape(n, k).t()
         dt = torch.int16 if wide <= 16 else torch.int32
-        out, stats = int_matmul(a.to(dt), b.to(dt), acc_bits=acc.bits, chunk=acc.chunk_for(gemm),
+        out, stats = int_matmul(a.to(dt), b.to(dt), acc_bits=acc.bits, chunk=chunk,
                                 overflow=acc.overflow, events=False)
         if self.recording():
             if stats.get("wrapped_outputs") is not None:
