@@ -214,12 +214,35 @@ class _Conv(Function):
         return dx, dw, db, None, None
 
 
+def _tap_offsets(c: int, kh: int, kw: int, hp: int, wp: int, dil: Any, device: torch.device) -> torch.Tensor:
+    """Offsets of the reduction index ``k = (c, i, j)`` (im2col's row order) in a padded (C, Hp, Wp) input."""
+    ar = lambda m: torch.arange(m, dtype=torch.int64, device=device)  # noqa: E731
+    return ((ar(c) * (hp * wp))[:, None, None] + (ar(kh) * (dil[0] * wp))[None, :, None]
+            + (ar(kw) * dil[1])[None, None, :]).reshape(-1)
+
+
+def _position_offsets(ho: int, wo: int, wp: int, stride: Any, device: torch.device) -> torch.Tensor:
+    """Offsets of the output positions ``p = (oh, ow)`` (im2col's column order) in a padded input plane."""
+    ar = lambda m: torch.arange(m, dtype=torch.int64, device=device)  # noqa: E731
+    return ((ar(ho) * (stride[0] * wp))[:, None] + (ar(wo) * stride[1])[None, :]).reshape(-1)
+
+
 def _dfp_conv_forward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp: int, geo: ConvGeometry,
                       x_shape: torch.Size) -> torch.Tensor:
     stride, pad, dil, opad = _geom2d(geo)
     x2, w2 = _as2d(xm), _as2d(wm)
     n, (kh, kw) = x2.shape[0], w2.shape[-2:]
-    if not geo.transposed:
+    if not geo.transposed and L.wraps_exactly():
+        # im2col never built: the GEMM gathers the padded input through offset tables (gathered_int_gemm)
+        ho = (x2.shape[2] + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (x2.shape[3] + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+        xp = F.pad(x2, (pad[1], pad[1], pad[0], pad[0]))
+        hp, wp = xp.shape[2:]
+        y = L.gathered_gemm(xp.reshape(n, -1), _position_offsets(ho, wo, wp, stride, xm.device),
+                            _tap_offsets(x2.shape[1], kh, kw, hp, wp, dil, xm.device),
+                            w2.reshape(w2.shape[0], -1).t(), exp, "forward", transpose_out=True)  # (N, O, L)
+        y = y.reshape(n, -1, ho, wo)
+    elif not geo.transposed:
         cols = F.unfold(x2, (kh, kw), dilation=dil, padding=pad, stride=stride)  # (N, C*k, L)
         # rows (N*L, C*k) handed over transposed: (C*k, N, L) is A^T in row-major order, no transposing copy
         out = L.int_gemm(cols.transpose(0, 1), w2.reshape(w2.shape[0], -1).t(), exp, "forward",
@@ -244,7 +267,35 @@ def _dfp_conv_backward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp
     x2, w2 = _as2d(xm), _as2d(wm)
     n, (kh, kw) = x2.shape[0], w2.shape[-2:]
     dx = dw = None
-    if not geo.transposed:
+    if not geo.transposed and L.wraps_exactly():
+        o, c = w2.shape[:2]
+        ho, wo = _as2d((gd or gw)[0]).shape[-2:]
+        lo = ho * wo
+        xp = F.pad(x2, (pad[1], pad[1], pad[0], pad[0]))
+        hp, wp = xp.shape[2:]
+        taps = _tap_offsets(c, kh, kw, hp, wp, dil, xm.device)
+        if gd is not None:
+            gm, ge = gd
+            # cols[b, k, p] = sum_o W[o, k] dY[b, o, p]: the integer registers reduce over output channels (W is the
+            # gathered operand, dY's rows the vector one). The col2im is fused: each (k, p) is added to the padded
+            # input gradient at taps[k] + pos[p], rows k in increasing order, F.fold's float32 order.
+            kk = w2[0].numel()
+            ar = lambda m: torch.arange(m, dtype=torch.int64, device=xm.device)  # noqa: E731
+            dxp = torch.zeros(n, x2.shape[1] * hp * wp, dtype=torch.float32, device=xm.device)
+            L.gathered_gemm(w2.reshape(1, -1), ar(kk), ar(o) * kk, gm.reshape(n, o * lo), ge + we, "backward_data",
+                            vrow=ar(o) * lo, n=lo, into=(dxp, taps, _position_offsets(ho, wo, wp, stride, xm.device)),
+                            accumulate=True)
+            h, w_ = x2.shape[2:]
+            dx = dxp.view(n, -1, hp, wp)[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w_]
+        if gw is not None:
+            gm, ge = gw
+            pos = _position_offsets(ho, wo, wp, stride, xm.device)
+            # reduction over (image, position) in that order; A[k, (b, p)] = Xpad[b] at taps[k] + pos[p]
+            q = (torch.arange(n, device=xm.device) * xp[0].numel())[:, None] + pos[None, :]
+            dw = L.gathered_gemm(xp.reshape(1, -1), taps, q.reshape(-1),
+                                 gm.reshape(n, o, lo).transpose(1, 2).reshape(n * lo, o), ge + xe,
+                                 "backward_weight", transpose_out=True).reshape(w2.shape)
+    elif not geo.transposed:
         o = w2.shape[0]
         if gd is not None:
             gm, ge = gd

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from leantrain.numerics import int_matmul, quantize, to_dfp
+from leantrain.numerics.gathered_gemm import gathered_int_gemm
 from leantrain.numerics.intmatmul import _wrap_chunk_sums_t
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.policy import DFPSpec, FloatSpec, IntAccumulator, Policy
@@ -120,6 +121,41 @@ class LayerNumerics:
             top = _ldexp(torch.tensor(float((1 << (spec.bits - 1)) - 1)), exp).item()
             self.recorder.observe(self.name, tensor, t, q, max_value=top, min_normal=None, exponent=exp)  # type: ignore[union-attr]
         return mf, exp
+
+    def wraps_exactly(self) -> bool:
+        """Whether the integer GEMMs take the exact-chunk-sum path: a wrapping accumulator and operands of at most
+        16 bits (DFP16 mantissas, |m| < 2^15), so that only the exact chunk sums matter (module doc of
+        :mod:`leantrain.numerics.intmatmul`); saturating or raising accumulators need the event emulation."""
+        acc = self.policy.accumulator
+        if not isinstance(acc, IntAccumulator) or acc.overflow != "wrap" or acc.bits > 62:
+            return False
+        return max(s.bits for g in self.policy.gemms().values() for s in (g.a, g.b) if isinstance(s, DFPSpec)) <= 16
+
+    def gathered_gemm(self, s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v: torch.Tensor, scale_exp: int,
+                      gemm: str, *, vrow: torch.Tensor | None = None, n: int | None = None,
+                      transpose_out: bool = False, into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      accumulate: bool = False) -> torch.Tensor:
+        """:func:`leantrain.numerics.gathered_gemm.gathered_int_gemm` rescaled by ``2**scale_exp``, with the policy's
+        accumulator for GEMM ``gemm`` (requires :meth:`wraps_exactly`), instrumented: the convolution GEMMs without
+        an im2col copy. Arguments as there; an operand that held Inf/NaN (``scale_exp`` = :data:`NONFINITE`) gives
+        NaN results (the whole ``into`` buffer)."""
+        acc = self.policy.accumulator
+        assert isinstance(acc, IntAccumulator)
+        nb = s.shape[0] if vrow is None else max(s.shape[0], v.shape[0])
+        r, cols = srow.shape[0], (v.shape[1] if vrow is None else int(n))  # type: ignore[arg-type]
+        if scale_exp >= NONFINITE // 2:  # an operand held Inf/NaN
+            if into is not None:
+                return into[0].fill_(float("nan"))
+            shape = (nb, cols, r) if transpose_out else (nb, r, cols)
+            return torch.full(shape, float("nan"), dtype=torch.float32, device=s.device)
+        chunk = acc.chunk_for(gemm)
+        out, bad = gathered_int_gemm(s, srow, scol, v, vrow=vrow, n=n, chunk=chunk, acc_bits=acc.bits,
+                                     scale_exp=scale_exp, transpose_out=transpose_out, into=into, accumulate=accumulate)
+        if self.recording():
+            t = scol.shape[0]
+            nch = -(-t // min(chunk or t, t)) if t else 0
+            self.recorder.observe_accumulator(self.name, gemm, nch * nb * r * cols, bad)  # type: ignore[union-attr]
+        return out
 
     def int_gemm(self, a: torch.Tensor, b: torch.Tensor, scale_exp: int, gemm: str, *,
                  transposed: bool = False, b_transposed: bool = False) -> torch.Tensor:
