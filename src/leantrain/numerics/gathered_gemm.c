@@ -69,14 +69,12 @@ __attribute__((noinline, optimize("fp-contract=off"))) static void store_row(flo
 }
 
 #define DEFINE_KERNEL(NAME, RB, NV)                                                                              \
-    int64_t NAME(const double *S, int64_t s_batch, const int64_t *srow, const int64_t *scol, const double *V,     \
+    static int64_t NAME##_body(float *rowbuf, const double *S, int64_t s_batch, const int64_t *srow, const int64_t *scol, const double *V,     \
                  int64_t v_batch, const int64_t *vrow, float *out, int64_t o_batch, const int64_t *orow,          \
                  const int64_t *ocol, int accumulate, float scale1, float scale2, int64_t b0, int64_t b1,          \
                  int64_t r0, int64_t r1, int64_t T, int64_t Vn, int64_t Nout, int64_t chunk, double lo, double hi, \
                  double mod) {                                                                                    \
         int64_t wrapped = 0;                                                                                     \
-        float *rowbuf = malloc(sizeof(float) * RB * Vn);                                                         \
-        if (!rowbuf) return -1;                                                                                  \
         for (int64_t b = b0; b < b1; ++b) {                                                                      \
             const double *Sb = S + b * s_batch;                                                                  \
             const double *Vb = V + b * v_batch;                                                                  \
@@ -121,9 +119,50 @@ __attribute__((noinline, optimize("fp-contract=off"))) static void store_row(flo
                     store_row(ob + orow[r + q], ocol, rowbuf + q * Vn, Nout, accumulate, scale1, scale2);        \
             }                                                                                                    \
         }                                                                                                        \
-        free(rowbuf);                                                                                            \
         return wrapped;                                                                                          \
+    }                                                                                                            \
+    /* Work units: one batch element (accumulate: its rows must be added in order by one thread), else one      \
+     * register block of rows of one batch element; shared by the OpenMP threads (the runtime torch uses). */    \
+    int64_t NAME(const double *S, int64_t s_batch, const int64_t *srow, const int64_t *scol, const double *V,     \
+                 int64_t v_batch, const int64_t *vrow, float *out, int64_t o_batch, const int64_t *orow,          \
+                 const int64_t *ocol, int accumulate, float scale1, float scale2, int64_t b0, int64_t b1,          \
+                 int64_t R, int64_t T, int64_t Vn, int64_t Nout, int64_t chunk, double lo, double hi,              \
+                 double mod) {                                                                                    \
+        const int64_t nrb = (R + RB - 1) / RB;                                                                   \
+        const int64_t per_b = accumulate ? 1 : nrb;                                                             \
+        const int64_t units = (b1 - b0) * per_b;                                                                 \
+        int64_t wrapped = 0;                                                                                     \
+        int failed = 0;                                                                                          \
+        _Pragma("omp parallel reduction(+ : wrapped)")                                                           \
+        {                                                                                                        \
+            float *rowbuf = malloc(sizeof(float) * RB * Vn);                                                     \
+            _Pragma("omp for schedule(static)")                                                                  \
+            for (int64_t u = 0; u < units; ++u) {                                                                \
+                if (!rowbuf) continue;                                                                           \
+                int64_t b = b0 + u / per_b;                                                                      \
+                int64_t r0 = accumulate ? 0 : (u % per_b) * RB;                                                  \
+                int64_t r1 = accumulate ? R : (r0 + RB < R ? r0 + RB : R);                                       \
+                wrapped += NAME##_body(rowbuf, S, s_batch, srow, scol, V, v_batch, vrow, out, o_batch, orow,     \
+                                       ocol, accumulate, scale1, scale2, b, b + 1, r0, r1, T, Vn, Nout, chunk,   \
+                                       lo, hi, mod);                                                             \
+            }                                                                                                    \
+            if (!rowbuf) {                                                                                       \
+                _Pragma("omp atomic write")                                                                      \
+                failed = 1;                                                                                      \
+            }                                                                                                    \
+            free(rowbuf);                                                                                        \
+        }                                                                                                        \
+        return failed ? -1 : wrapped;                                                                            \
     }
+
+/* Whether this build runs its work units on OpenMP threads (else the caller splits the batch itself). */
+int lt_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* Narrow V (N <= 8): more rows per block; wide V: two vectors per row. */
 DEFINE_KERNEL(lt_gathered_gemm_n8, 12, 1)

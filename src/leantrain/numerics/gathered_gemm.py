@@ -23,8 +23,9 @@ Backends (the same results, bit for bit; tested against each other and against i
 
 - native: a small C kernel (``gathered_gemm.c``) compiled on first use with the system C compiler into a cache
   directory (``$LEANTRAIN_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/leantrain`` or ``~/.cache/leantrain``; written to a
-  temporary name and renamed), loaded with ctypes and run on ``torch.get_num_threads()`` threads. It keeps each
-  chunk's registers in CPU registers, so the ``T/c`` partial sums per output never reach memory. CPU tensors only.
+  temporary name and renamed), loaded with ctypes and run on torch's OpenMP threads (``torch.get_num_threads()``).
+  It keeps each chunk's registers in CPU registers, so the ``T/c`` partial sums per output never reach memory, and
+  gathers its operand through the offset tables, so im2col is never built. CPU tensors only.
 - torch: gathers ``A`` (like ``unfold``) and runs the tiled batched float64 GEMM of ``int_matmul``'s fast path.
   Used on other devices, when no C compiler works, or when ``LEANTRAIN_NATIVE=0``.
 """
@@ -83,30 +84,47 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
+def _build(cc: str, flags: list[str], lib_path: Path) -> None:
+    """Compile the kernel to ``lib_path`` through a temporary file and a rename (atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=".gathered_gemm-", suffix=".so", dir=lib_path.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, lib_path)  # a concurrent or interrupted build never leaves a partial library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _compile() -> ctypes.CDLL:
+    """Build (once per source, flags and CPU) and load the kernel. With OpenMP it links ``libgomp.so.1``: a torch
+    that ships its own libgomp has it loaded already under that name, so the kernel's threads are torch's own
+    thread pool (no second pool spinning against it); without OpenMP the caller splits the batch over threads."""
     src = _SOURCE.read_bytes()
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_key().encode()).hexdigest()[:16]
     out_dir = _cache_dir()
-    lib_path = out_dir / f"gathered_gemm-{key}.so"
-    if not lib_path.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".gathered_gemm-", suffix=".so", dir=out_dir)
-        os.close(fd)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in (["-fopenmp"], []):
+        flags = [*_FLAGS, *extra]
+        key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_key().encode()).hexdigest()[:16]
+        lib_path = out_dir / f"gathered_gemm-{key}.so"
         try:
-            subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, lib_path)  # atomic: a concurrent or interrupted build never leaves a partial library
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(lib_path))  # CDLL calls release the GIL: threads run the kernel in parallel
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            if not lib_path.exists():
+                _build(cc, flags, lib_path)
+            lib = ctypes.CDLL(str(lib_path))  # CDLL calls release the GIL
+            break
+        except (OSError, subprocess.SubprocessError) as err:
+            errors.append(err)
+    else:
+        raise errors[-1]
+    i64, ptr, f32, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
     for name in _BLOCKS:
         fn = getattr(lib, name)
-        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int, ctypes.c_float,
-                       ctypes.c_float, i64, i64, i64, i64, i64, i64, i64, i64,
-                       ctypes.c_double, ctypes.c_double, ctypes.c_double]
+        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int, f32, f32,
+                       i64, i64, i64, i64, i64, i64, i64, f64, f64, f64]
         fn.restype = i64
+    lib.lt_has_openmp.restype = ctypes.c_int
     return lib
 
 
@@ -241,7 +259,7 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
                 buf[:, idx] = out[:, r]
         return buf, wrapped
     name = "lt_gathered_gemm_n8" if n_ <= 8 else "lt_gathered_gemm_n16"
-    rb, vb = _BLOCKS[name]
+    vb = _BLOCKS[name][1]
     s64 = s.to(torch.float64).contiguous()
     s_batch = s64.shape[1] if s64.shape[0] > 1 else 0
     if vrow is None:  # a (T, N) matrix: rows padded to whole vector blocks with zeros
@@ -271,20 +289,13 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
             f1, f2)
     tail = (t_, vn, n_, c, float(lo), float(hi), float(2**acc_bits))
     workers = max(1, torch.get_num_threads())
-    if accumulate and nb < workers:  # an element's additions must stay in row order: one thread per batch element
-        workers = max(1, nb)
-    if nb >= workers:  # split the batch
+    if _lib.lt_has_openmp() or workers == 1 or nb == 1:  # type: ignore[union-attr]
+        counts = [fn(*args, 0, nb, r_, *tail)]
+    else:  # no OpenMP in this build: split the batch over Python threads (ctypes releases the GIL)
         cuts = [nb * i // workers for i in range(workers + 1)]
-        parts = [(cuts[i], cuts[i + 1], 0, r_) for i in range(workers) if cuts[i] < cuts[i + 1]]
-    else:  # split the rows, in whole register blocks
-        blocks = -(-r_ // rb)
-        cuts = [min(r_, rb * (blocks * i // workers)) for i in range(workers + 1)]
-        cuts[-1] = r_
-        parts = [(0, nb, cuts[i], cuts[i + 1]) for i in range(workers) if cuts[i] < cuts[i + 1]]
-    if len(parts) == 1:
-        counts = [fn(*args, *parts[0], *tail)]
-    else:
-        counts = [f.result() for f in [_executor().submit(fn, *args, *p, *tail) for p in parts]]
+        jobs = [_executor().submit(fn, *args, cuts[i], cuts[i + 1], r_, *tail)
+                for i in range(workers) if cuts[i] < cuts[i + 1]]
+        counts = [j.result() for j in jobs]
     wrapped = sum(counts)
     if min(counts) < 0:
         raise MemoryError("gathered_int_gemm: the native kernel could not allocate its row buffer")
