@@ -64,11 +64,8 @@ def _reference(kind: str) -> list[torch.Tensor]:
 
 def _dp_run(rank: int, ws: int, d: Distribution, kind: str, **kw) -> tuple[list[torch.Tensor], dict]:
     set_to_none = kw.pop("set_to_none", True)  # False: backward accumulates straight into the buckets
-    message_bytes = kw.pop("message_bytes", None)  # all-reduce buckets in pieces of this many bytes
     model = _mlp()
     dp = DataParallel(model, d, bucket_mb=0.001, **kw)  # ~1 KB buckets: several buckets for this tiny MLP
-    if message_bytes:
-        dp.MESSAGE_BYTES = message_bytes
     opt = dp.optimizer(_optimizer(kind, model.parameters()))
     X, Y = _batches()
     b = X.shape[1] // ws
@@ -83,6 +80,79 @@ def _dp_run(rank: int, ws: int, d: Distribution, kind: str, **kw) -> tuple[list[
 
 
 # ---------------------------------------------------------------------------------------------- 2-rank worker
+class _NetWithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3))
+        self.unused = nn.Linear(3, 2)  # not called by forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _averaging_worker(rank: int, ws: int, d: Distribution) -> dict:
+    """DataParallel's averaged gradients and buffers vs the oracle ``dist.all_reduce(local) / ws``, in float32,
+    for every way a gradient reaches a bucket: copied (fresh ``param.grad``), accumulated into the bucket
+    (``set_to_none=False``), late (``exchange_gradients``, a parameter unused by forward but with a gradient)."""
+    import torch.distributed as dist
+
+    def net() -> nn.Module:
+        torch.manual_seed(4)
+        return _NetWithUnused()
+
+    def oracle(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / ws
+
+    g = torch.Generator().manual_seed(10 + rank)  # every rank has its own data
+    results: dict = {}
+    for mode in ({}, {"priority": False}, {"overlap": False}, {"set_to_none": False},
+                 {"set_to_none": False, "priority": False}, {"autograd": True}):
+        kw = dict(mode)
+        set_to_none, by_autograd = kw.pop("set_to_none", True), kw.pop("autograd", False)
+        model, local = net(), net()
+        dp = DataParallel(model, d, bucket_mb=0.0001, **kw)
+        mismatches = []
+        for step in range(3):
+            x = torch.randn(6, 5, generator=g)
+            stale = torch.full_like(model.unused.weight, float(rank + step))
+            # oracle: the same step on an unwrapped copy holding the same parameters
+            local.load_state_dict(model.state_dict())
+            loss_local = local(x).pow(2).sum()
+            grads = torch.autograd.grad(loss_local, [p for n, p in local.named_parameters() if not n.startswith("unused")])
+            expect = [oracle(t) for t in grads] + [oracle(stale), oracle(torch.zeros_like(model.unused.bias))]
+            expect_buffers = [oracle(b) for b in local.buffers() if b.is_floating_point()]
+            if step > 0:
+                for p in model.parameters():
+                    if set_to_none:
+                        p.grad = None
+                    elif p.grad is not None:
+                        p.grad.zero_()
+            loss = dp(x).pow(2).sum()
+            if by_autograd:  # gradients computed by other means, then exchanged explicitly
+                used = [p for n, p in model.named_parameters() if not n.startswith("unused")]
+                for p, gr in zip(used, torch.autograd.grad(loss, used)):
+                    p.grad = gr
+                model.unused.weight.grad = stale.clone()
+                dp.exchange_gradients()
+            else:
+                loss.backward()
+                w = model.unused.weight
+                if w.grad is None or set_to_none:
+                    w.grad = stale.clone()
+                else:  # the bucket view from the last step: a gradient that is in the bucket already
+                    w.grad.copy_(stale)
+                dp.finish()
+            got = [p.grad for p in model.parameters()]
+            mismatches += [i for i, (a, b) in enumerate(zip(got, expect)) if a is None or not torch.equal(a, b)]
+            bufs = [b for b in model.buffers() if b.is_floating_point()]
+            mismatches += [f"buffer {i}" for i, (a, b) in enumerate(zip(bufs, expect_buffers)) if not torch.equal(a, b)]
+        results[tuple(sorted(mode.items()))] = (mismatches, len(dp.buckets))
+        dp.close()
+    return results
+
+
 def _lstsq_problem(ws: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     A = torch.randn(ws, 40, 20, generator=g)
@@ -99,7 +169,7 @@ def _two_rank_worker(rank: int, ws: int, resume_dir: str) -> dict:
     for kind in ("sgd", "adam"):
         for mode in ({}, {"priority": False}, {"overlap": False}, {"overlap": False, "priority": False},
                      {"distributed_update": True}, {"distributed_update": True, "priority": False},
-                     {"set_to_none": False}, {"message_bytes": 200}):
+                     {"set_to_none": False}, {"set_to_none": False, "priority": False}):
             out[("dp", kind, tuple(sorted(mode.items())))] = _dp_run(rank, ws, d, kind, **mode)
     # model-parallel Linear vs nn.Linear (float64), forward and backward
     torch.manual_seed(5)
@@ -133,6 +203,7 @@ def _two_rank_worker(rank: int, ws: int, resume_dir: str) -> dict:
             opt.step()
         out[("ef", comp, ef)] = (model.weight.detach().view(-1).clone(), dp.stats[-1].bytes_sent)
         dp.close()
+    out["averaging"] = _averaging_worker(rank, ws, d)
     out["fit"] = _fit_worker(rank, ws)
     out["resume_reference"] = _resume_fit(resume_dir, 0)  # uninterrupted run for the kill/resume test
     return out
@@ -150,7 +221,7 @@ def two_ranks(resume_reference_dir) -> list[dict]:
 
 MODES = [(), (("priority", False),), (("overlap", False),), (("overlap", False), ("priority", False)),
          (("distributed_update", True),), (("distributed_update", True), ("priority", False)), (("set_to_none", False),),
-         (("message_bytes", 200),)]
+         (("priority", False), ("set_to_none", False))]
 
 
 def test_distribution_groups(two_ranks):
@@ -171,6 +242,13 @@ def test_data_parallel_equals_single_process_large_batch(two_ranks, kind, mode):
     # the replicas stay bitwise equal to each other
     for p, q in zip(two_ranks[0][("dp", kind, mode)][0], two_ranks[1][("dp", kind, mode)][0]):
         assert torch.equal(p, q)
+
+
+def test_averaged_gradients_and_buffers_equal_all_reduce_oracle(two_ranks):
+    for res in two_ranks:
+        for mode, (mismatches, buckets) in res["averaging"].items():
+            assert buckets >= 3, mode
+            assert mismatches == [], (mode, mismatches)
 
 
 @pytest.mark.timeout(200)

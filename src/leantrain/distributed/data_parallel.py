@@ -13,11 +13,19 @@ How the exchange is organised:
   their gradients), into flat buckets of about ``bucket_mb`` MiB (a bucket never mixes dtypes, devices or,
   with the distributed update, optimizer parameter groups). Bucket 0 holds the last layers, the last bucket
   the first layers.
-- **Overlap.** A post-accumulate-grad hook on each parameter copies its gradient into its bucket; when a
-  bucket's last gradient arrives, the bucket is handed to the communication thread (MLSL's endpoint server,
-  Horovod's background thread), which starts a non-blocking collective at once while backward continues.
-  :meth:`DataParallel.finish` (called by the wrapped optimizer's ``step``) waits for all of them and writes the
-  averaged gradients back to ``param.grad``. With ``overlap=False`` every exchange starts in ``finish()``.
+- **Averaging.** A post-accumulate-grad hook on each parameter writes ``g / P`` into the parameter's slice of
+  its bucket: the division is folded into the copy (one pass, like torch's DDP), or, when backward already
+  accumulated into the bucket (``param.grad`` is a view of it, see below), done in place. The collective then
+  *sums* the pre-divided gradients, so the bucket holds the average the moment it completes: no pass over the
+  bucket after the exchange. For a power-of-two ``P`` the division is exact and the result is bitwise the
+  ``SUM`` all-reduce divided by ``P``; otherwise the two differ by rounding (about one ulp). Compressed
+  exchanges average in float32 themselves and take the gradients undivided.
+- **Overlap.** When a bucket's last gradient arrives, its non-blocking collective starts at once while backward
+  continues: from the hook itself (like DDP's reducer; no thread hand-off) or, when the exchange has to block
+  part-way (priority negotiation, the two phases of a compressed exchange), from the communication thread
+  (MLSL's endpoint server, Horovod's background thread), so that backward never waits.
+  :meth:`DataParallel.finish` (called by the wrapped optimizer's ``step``) waits for all of them and makes each
+  ``param.grad`` a view of its bucket (no copy back). With ``overlap=False`` every exchange starts in ``finish()``.
 - **Priority.** The next forward needs the *first* layers first, but backward readies them *last*, so a
   first-in-first-out link finishes them last. With ``priority=True`` the communication thread sends one bucket
   at a time and always picks, among the buckets ready on every rank, the one closest to the input (highest
@@ -126,9 +134,6 @@ class DataParallel(nn.Module):
     into the bare model.
     """
 
-    #: Buckets larger than this are all-reduced in pieces (each averaged as soon as it arrives).
-    MESSAGE_BYTES = 8 << 20
-
     def __init__(self, module: nn.Module, distribution: Distribution | None = None, *, bucket_mb: float = 25.0,
                  compression: str | Compression | None = "none", error_feedback: bool = True, priority: bool = True,
                  overlap: bool = True, distributed_update: bool = False, broadcast: bool = True,
@@ -176,6 +181,14 @@ class DataParallel(nn.Module):
         self._t_start = self._t_update = 0.0
         self._step_index = 0
         self._negotiation = torch.zeros(1, dtype=torch.int64, device=self._device())
+        # Uncompressed exchanges sum gradients already divided by P on their way into the bucket (see the module
+        # doc); compressed ones average in float32 themselves.
+        self._scale: float | None = 1.0 / self.parts if self.parts > 1 and not self.compressed else None
+        # Collectives start from the training thread unless an exchange must block part-way during backward.
+        self._threaded = self.overlap and (self.priority or self.compressed)
+        self._arrived: set[nn.Parameter] = set()  # parameters whose gradient is in its bucket this step
+        self._buffer_flat: torch.Tensor | None = None
+        self._buffer_work: Pending | None = None
 
     # ------------------------------------------------------------------ layout
     def _device(self) -> torch.device:
@@ -264,6 +277,10 @@ class DataParallel(nn.Module):
         self._t_start = time.perf_counter()
         for b in self.buckets:
             b.reset()
+        self._arrived = set()
+        self._buffer_flat = self._buffer_work = None
+        if not self._threaded:
+            return
         with self._cv:  # the thread is idle here: the previous step's exchange is complete
             self._ready_order, self._processed, self._agreed, self._heap = [], 0, 0, []
             self._step_done.clear()
@@ -271,21 +288,44 @@ class DataParallel(nn.Module):
             self._thread = threading.Thread(target=self._comm_loop, name="leantrain-comm", daemon=True)
             self._thread.start()
 
-    def _on_grad(self, p: torch.Tensor) -> None:
+    def _on_grad(self, p: nn.Parameter) -> None:
         if not self._sync:
             return
         self._begin_step()
+        if p in self._arrived:  # exchange_gradients() after backward: this gradient is in its bucket already
+            return
+        self._arrived.add(p)
+        self._fill(p, self._view_of[p])
         b = self._bucket_of[p]
-        view = self._view_of[p]
-        if p.grad.data_ptr() != view.data_ptr():  # else backward accumulated into the bucket already
-            view.copy_(p.grad)
         b.pending -= 1
         if b.pending == 0:
             b.ready_time = time.perf_counter()
             if self.overlap:
-                with self._cv:
-                    self._ready_order.append(b.index)
-                    self._cv.notify()
+                self._ready(b)
+
+    def _fill(self, p: nn.Parameter, view: torch.Tensor) -> None:
+        """Write ``p``'s gradient (None counts as zero) into its bucket slice ``view``, divided by P when the
+        exchange sums (one pass: the division is folded into the copy, or done in place when backward
+        accumulated into the bucket itself)."""
+        g = p.grad
+        if g is None:
+            view.zero_()
+        elif g.data_ptr() == view.data_ptr():
+            if self._scale is not None:
+                view.mul_(self._scale)
+        elif self._scale is not None:
+            torch.mul(g.detach(), self._scale, out=view)
+        else:
+            view.copy_(g.detach())
+
+    def _ready(self, b: _Bucket) -> None:
+        """Bucket ``b`` holds all its gradients: start its exchange here, or queue it for the thread."""
+        if self._threaded:
+            with self._cv:
+                self._ready_order.append(b.index)
+                self._cv.notify()
+        else:
+            self._exchange(b, wait=False)
 
     # ------------------------------------------------------------------ the communication thread
     def _comm_loop(self) -> None:
@@ -336,23 +376,16 @@ class DataParallel(nn.Module):
 
     def _exchange(self, b: _Bucket, *, wait: bool) -> None:
         """Start bucket ``b``'s collective(s); with ``wait`` block until they complete."""
+        if self._buffer_work is None:
+            self._start_buffers()  # first exchange of the step: the buffers are final once backward runs
         b.launch_time = time.perf_counter()
         label = f"bucket {b.index} ({b.nbytes / 1e6:.3g} MB, step {self._step_index})"
         if not self.compressed:
+            # The gradients were divided by P on their way in: the sum is the average (see the module doc).
             if self.distributed_update:
                 b.works.append(self.group.reduce_scatter(b.shard_grad, b.grad, f"reduce_scatter of {label}"))
             else:
-                # Messages above MESSAGE_BYTES go as several all-reduces, and each piece is averaged as soon as it
-                # arrives (by whoever waits for it), so the averaging pass overlaps the transfer of the next piece.
-                step = max(1, self.MESSAGE_BYTES // b.grad.element_size())
-                pieces = range(0, b.padded, step)
-                for lo in pieces:
-                    piece = b.grad[lo:lo + step]
-                    where = f" [{lo}:{lo + piece.numel()}]" if len(pieces) > 1 else ""
-                    pend = self.group.all_reduce(piece, f"all_reduce of {label}{where}")
-                    if self.parts > 1:
-                        pend.then(lambda piece=piece: piece.mul_(1.0 / self.parts))
-                    b.works.append(pend)
+                b.works.append(self.group.all_reduce(b.grad, f"all_reduce of {label}"))
         else:
             self._compressed_exchange(b, label)
         if wait:
@@ -394,7 +427,7 @@ class DataParallel(nn.Module):
         computed by other means, e.g. ``torch.autograd.grad``); a parameter without a gradient counts as zero."""
         self._begin_step()
         for p in self._bucket_of:
-            if p.grad is not None and self._bucket_of[p].pending > 0:
+            if p.grad is not None:
                 self._on_grad(p)
         return self.finish()
 
@@ -409,65 +442,81 @@ class DataParallel(nn.Module):
         if not self._in_step:
             return None
         t_call = time.perf_counter()
-        order = sorted(range(len(self.buckets)), reverse=self.priority)
-        with self._cv:
-            if self.overlap:
-                for b in self.buckets:  # unused parameters: zero gradient, in index order on every rank
-                    if b.pending > 0:
-                        for p, view in zip(b.params, b.views):
-                            if p.grad is None:
-                                view.zero_()
-                        b.pending = 0
-                        b.ready_time = t_call
-                        self._ready_order.append(b.index)
+        try:
+            # Parameters whose gradient did not arrive (unused in this step, or exchange_gradients()): their
+            # current gradient, zero without one, goes into their bucket now; every rank does the same.
+            late = [b for b in self.buckets if b.pending > 0]
+            with torch.no_grad():
+                for b in late:
+                    for p, view in zip(b.params, b.views):
+                        if p not in self._arrived:
+                            self._fill(p, view)
+                    b.pending = 0
+                    b.ready_time = t_call
+            if self.overlap:  # the others started during backward; these in index order on every rank
+                order = late
             else:
-                for b in self.buckets:
-                    if b.pending > 0:
-                        for p, view in zip(b.params, b.views):
-                            if p.grad is None:
-                                view.zero_()
-                        b.pending = 0
-                        b.ready_time = t_call
-                self._ready_order.extend(order)
+                order = sorted(self.buckets, key=lambda b: b.index, reverse=self.priority)
+            if self._threaded:
+                if self.buckets:
+                    self._wait_for_thread(order, t_call)
+            else:
+                for b in order:
+                    self._exchange(b, wait=False)
+            for b in self.buckets:
+                for w in b.works:
+                    w.wait()
+            t_done = time.perf_counter()
+            if not self.distributed_update:
+                self._write_grads()
+            self._finish_buffers()
+        finally:
+            self._in_step = False
+        stats = self._record(t_call, t_done)
+        self._t_update = time.perf_counter()
+        return stats
+
+    def _wait_for_thread(self, order: list[_Bucket], t_call: float) -> None:
+        with self._cv:
+            self._ready_order.extend(b.index for b in order)
             self._cv.notify()
         timeout = self.group.timeout_s + 5.0
         if not self._step_done.wait(timeout) and self._error is None:
-            self._in_step = False
             raise CollectiveError(self.distribution.rank, f"step {self._step_index} exchange (communication thread)",
                                   self.group.ranks, time.perf_counter() - t_call, timeout, "did not finish")
         if self._error is not None:
-            self._in_step = False
             raise self._error
-        for b in self.buckets:
-            for w in b.works:
-                w.wait()
-        t_done = time.perf_counter()
-        if not self.distributed_update:
-            self._write_grads()
-        elif not self.compressed and self.parts > 1:
-            for b in self.buckets:
-                b.shard_grad.mul_(1.0 / self.parts)  # reduce-scatter summed; the compressed path already averaged
-        self._average_buffers()
-        stats = self._record(t_call, t_done)
-        self._in_step = False
-        self._t_update = time.perf_counter()
-        return stats
 
     @torch.no_grad()
     def _write_grads(self) -> None:
         for b in self.buckets:
-            flat = b.result if self.compressed else b.grad  # averaged already (per piece, see _exchange)
-            for p, off in zip(b.params, b.offsets):
-                # param.grad becomes a view of the bucket (no copy); with zero_grad(set_to_none=False) the next
-                # backward then accumulates straight into the bucket and the copy in _on_grad is skipped.
-                p.grad = flat[off:off + p.numel()].view_as(p)
+            if self.compressed:
+                for p, off in zip(b.params, b.offsets):
+                    p.grad = b.result[off:off + p.numel()].view_as(p)
+                continue
+            for p, view in zip(b.params, b.views):
+                # param.grad becomes a view of the (averaged) bucket, no copy; with zero_grad(set_to_none=False)
+                # the next backward then accumulates straight into the bucket and _fill divides it in place.
+                if p.grad is not view:
+                    p.grad = view
 
     @torch.no_grad()
-    def _average_buffers(self) -> None:
+    def _start_buffers(self) -> None:
+        """Start averaging the floating-point buffers (BatchNorm statistics: final once backward runs), with the
+        step's first exchange so that the collective overlaps backward; :meth:`_finish_buffers` completes it."""
         if self.parts == 1 or not self._float_buffers:
             return
-        flat = torch.cat([b.reshape(-1).to(torch.float32) for b in self._float_buffers])
-        self.group.all_reduce(flat, f"all_reduce of buffers (step {self._step_index})").wait()
+        self._buffer_flat = torch.cat([b.reshape(-1).to(torch.float32) for b in self._float_buffers])
+        self._buffer_work = self.group.all_reduce(self._buffer_flat, f"all_reduce of buffers (step {self._step_index})")
+
+    @torch.no_grad()
+    def _finish_buffers(self) -> None:
+        if self._buffer_work is None:  # no bucket was exchanged this step
+            self._start_buffers()
+            if self._buffer_work is None:
+                return
+        self._buffer_work.wait()
+        flat = self._buffer_flat
         flat /= self.parts
         off = 0
         for b in self._float_buffers:
