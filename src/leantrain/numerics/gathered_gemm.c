@@ -1,4 +1,4 @@
-/* Native kernel of leantrain.numerics.gathered_gemm (see that module for the exact semantics).
+/* Native kernels of leantrain.numerics.gathered_gemm (see that module for the exact semantics).
  *
  * out[b][r][n] = fp32 chain over chunks j of fp32(wrap(sum_{t in chunk j} S[b*s_batch + srow[r] + scol[t]]
  *                                                       * V[b*v_batch + vrow[t] + n]))
@@ -8,14 +8,20 @@
  * out[b*o_batch + orow[r] + ocol[n]], or added to it (accumulate: a scatter-add in order of increasing r for each
  * element, so only one thread may own a batch element).
  *
- * Operands hold integers in float64 with |x| < 2^15, so every product (< 2^30) and every partial sum of a
- * chunk (< T 2^30 < 2^53) is exact in float64 whatever the order of the additions: the chunk sum may be
- * accumulated in any order, vectorised, or with fused multiply-adds. The only order-sensitive arithmetic is
- * the float32 chain across chunks, done one chunk at a time, in chunk order, with plain float32 adds.
- * Compile without -ffast-math (reassociation of the float32 chain would change results).
+ * Two register models, the same results:
+ * - float64 ("counting"): operands are integers with |x| < 2^15, so every product (< 2^30) and every partial sum
+ *   of a chunk (< T 2^30 < 2^53) is exact in float64 in any order (vectorised, fused multiply-adds). A chunk sum
+ *   outside the register's range is wrapped modulo 2^acc_bits and counted.
+ * - int32 ("wrapping", acc_bits <= 32): two's-complement int32 arithmetic is the register itself: each product
+ *   is exact in 32 bits and the additions wrap modulo 2^32, which is associative, so the lanes may add in any
+ *   order; a narrower register is the sign extension of the low acc_bits bits. Nothing is counted. Unsigned
+ *   arithmetic is used because signed overflow is undefined in C.
+ * The only order-sensitive arithmetic is the float32 chain across chunks, done one chunk at a time, in chunk
+ * order, with plain float32 adds (int -> float conversion rounds to nearest even in both models). Compile without
+ * -ffast-math: reassociating the chain would change results.
  *
- * Register blocking: a block of RB rows x (NV x 8) columns keeps its chunk registers (float64) and its float32
- * chain in vector registers; per reduction step it loads NV vectors of V and RB scalars of S.
+ * Register blocking: a block of RB rows x (NV vectors) columns keeps its chunk registers and its float32 chain in
+ * vector registers; per reduction step it loads NV vectors of V and RB scalars of S.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,16 +31,49 @@
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef int64_t v8di __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v16f __attribute__((vector_size(64)));
 
-static inline v8d load8(const double *p) {
-    v8d r;
-    memcpy(&r, p, sizeof r); /* unaligned load */
-    return r;
+/* The rescale and store of one output row. Contraction is off here: (x * scale1) * scale2 (+ dst) must be the same
+ * float32 products and add as the torch path's, not a fused multiply-add. */
+__attribute__((noinline, optimize("fp-contract=off"))) static void store_row(float *dst, const int64_t *ocol,
+                                                                             const float *src, int64_t n,
+                                                                             int accumulate, float scale1,
+                                                                             float scale2) {
+    int64_t i = 0;
+    /* runs of 8 consecutive addresses (a convolution's output row): vector loads and stores, same arithmetic */
+    for (; i + 8 <= n; i += 8) {
+        int contiguous = 1;
+        for (int l = 1; l < 8; ++l) contiguous &= ocol[i + l] - ocol[i] == l;
+        if (contiguous) {
+            v8f y, d;
+            memcpy(&y, src + i, sizeof y);
+            y = y * scale1;
+            y = y * scale2;
+            if (accumulate) {
+                memcpy(&d, dst + ocol[i], sizeof d);
+                y = d + y;
+            }
+            memcpy(dst + ocol[i], &y, sizeof y);
+        } else {
+            for (int l = 0; l < 8; ++l) {
+                float y = src[i + l] * scale1;
+                y = y * scale2;
+                dst[ocol[i + l]] = accumulate ? dst[ocol[i + l]] + y : y;
+            }
+        }
+    }
+    for (; i < n; ++i) {
+        float y = src[i] * scale1;
+        y = y * scale2;
+        dst[ocol[i]] = accumulate ? dst[ocol[i]] + y : y;
+    }
 }
 
-/* Slow path of a chunk end, taken only when some register left the range: wrap it modulo 2^acc_bits. */
-static int64_t wrap_block(v8d *s, int n, int valid_rows, int nv, int64_t valid_cols, double lo, double hi,
-                          double mod) {
+/* Slow path of a float64 chunk end, taken only when some register left the range: wrap modulo 2^acc_bits. */
+__attribute__((noinline)) static int64_t wrap_block(v8d *s, int n, int valid_rows, int nv, int64_t valid_cols,
+                                                    double lo, double hi, double mod) {
     int64_t wrapped = 0;
     for (int i = 0; i < n; ++i) {
         for (int l = 0; l < 8; ++l) {
@@ -48,86 +87,114 @@ static int64_t wrap_block(v8d *s, int n, int valid_rows, int nv, int64_t valid_c
     return wrapped;
 }
 
-/* The rescale and store of one output row. Contraction is off here: (x * scale1) * scale2 (+ dst) must be the same
- * float32 products and add as the torch path's, not a fused multiply-add. */
-__attribute__((noinline, optimize("fp-contract=off"))) static void store_row(float *dst, const int64_t *ocol,
-                                                                             const float *src, int64_t n,
-                                                                             int accumulate, float scale1,
-                                                                             float scale2) {
-    if (accumulate) {
-        for (int64_t i = 0; i < n; ++i) {
-            float y = src[i] * scale1;
-            y = y * scale2;
-            dst[ocol[i]] = dst[ocol[i]] + y;
-        }
-    } else {
-        for (int64_t i = 0; i < n; ++i) {
-            float y = src[i] * scale1;
-            dst[ocol[i]] = y * scale2;
-        }
-    }
-}
+/* Arguments shared by the kernels (Python passes them in this order). */
+#define KERNEL_ARGS(STYPE)                                                                                       \
+    const STYPE *S, int64_t s_batch, const int64_t *srow, const int64_t *scol, const STYPE *V, int64_t v_batch,   \
+        const int64_t *vrow, float *out, int64_t o_batch, const int64_t *orow, const int64_t *ocol,              \
+        int accumulate, float scale1, float scale2
+#define KERNEL_PASS S, s_batch, srow, scol, V, v_batch, vrow, out, o_batch, orow, ocol, accumulate, scale1, scale2
 
-#define DEFINE_KERNEL(NAME, RB, NV)                                                                              \
-    static int64_t NAME##_body(float *rowbuf, const double *S, int64_t s_batch, const int64_t *srow, const int64_t *scol, const double *V,     \
-                 int64_t v_batch, const int64_t *vrow, float *out, int64_t o_batch, const int64_t *orow,          \
-                 const int64_t *ocol, int accumulate, float scale1, float scale2, int64_t b0, int64_t b1,          \
-                 int64_t r0, int64_t r1, int64_t T, int64_t Vn, int64_t Nout, int64_t chunk, double lo, double hi, \
-                 double mod) {                                                                                    \
+/* float64 register block: RB rows x NV vectors of 8 columns, counting wrapped registers. */
+#define DEFINE_F64_BODY(NAME, RB, NV)                                                                            \
+    static int64_t NAME(float *rowbuf, KERNEL_ARGS(double), int64_t b, int64_t r0, int64_t r1, int64_t T,        \
+                        int64_t Vn, int64_t Nout, int64_t chunk, double lo, double hi, double mod) {             \
         int64_t wrapped = 0;                                                                                     \
-        for (int64_t b = b0; b < b1; ++b) {                                                                      \
-            const double *Sb = S + b * s_batch;                                                                  \
-            const double *Vb = V + b * v_batch;                                                                  \
-            float *ob = out + b * o_batch;                                                                       \
-            for (int64_t r = r0; r < r1; r += RB) {                                                              \
-                int nr = r1 - r < RB ? (int)(r1 - r) : RB;                                                       \
-                const double *rows[RB];                                                                          \
-                for (int q = 0; q < RB; ++q) rows[q] = Sb + srow[q < nr ? r + q : r + nr - 1];                   \
-                for (int64_t v = 0; v < Vn; v += 8 * NV) {                                                       \
-                    v8f acc[RB * NV];                                                                            \
-                    for (int64_t t0 = 0; t0 < T; t0 += chunk) {                                                  \
-                        int64_t t1 = t0 + chunk < T ? t0 + chunk : T;                                            \
-                        v8d s[RB * NV];                                                                          \
-                        for (int i = 0; i < RB * NV; ++i) s[i] = (v8d){0};                                       \
-                        for (int64_t t = t0; t < t1; ++t) {                                                      \
-                            const double *vr = Vb + vrow[t] + v;                                                 \
-                            const int64_t c = scol[t];                                                           \
-                            v8d w[NV];                                                                           \
-                            for (int k = 0; k < NV; ++k) w[k] = load8(vr + 8 * k);                               \
-                            for (int q = 0; q < RB; ++q) {                                                       \
-                                const double a = rows[q][c];                                                     \
-                                for (int k = 0; k < NV; ++k) s[q * NV + k] += a * w[k];                          \
-                            }                                                                                    \
-                        }                                                                                        \
-                        v8di bad = (s[0] < lo) | (s[0] > hi);                                                    \
-                        for (int i = 1; i < RB * NV; ++i) bad |= (s[i] < lo) | (s[i] > hi);                      \
-                        int64_t any = 0;                                                                         \
-                        for (int l = 0; l < 8; ++l) any |= bad[l];                                               \
-                        if (any) wrapped += wrap_block(s, RB * NV, nr, NV, Nout - v, lo, hi, mod);        \
-                        if (t0 == 0) {                                                                           \
-                            for (int i = 0; i < RB * NV; ++i) acc[i] = __builtin_convertvector(s[i], v8f);       \
-                        } else {                                                                                 \
-                            for (int i = 0; i < RB * NV; ++i) acc[i] += __builtin_convertvector(s[i], v8f);      \
+        const double *Sb = S + b * s_batch;                                                                      \
+        const double *Vb = V + b * v_batch;                                                                      \
+        for (int64_t r = r0; r < r1; r += RB) {                                                                  \
+            int nr = r1 - r < RB ? (int)(r1 - r) : RB;                                                           \
+            const double *rows[RB];                                                                              \
+            for (int q = 0; q < RB; ++q) rows[q] = Sb + srow[q < nr ? r + q : r + nr - 1];                       \
+            for (int64_t v = 0; v < Vn; v += 8 * NV) {                                                           \
+                v8f acc[RB * NV];                                                                                \
+                for (int64_t t0 = 0; t0 < T; t0 += chunk) {                                                      \
+                    int64_t t1 = t0 + chunk < T ? t0 + chunk : T;                                                \
+                    v8d s[RB * NV];                                                                              \
+                    for (int i = 0; i < RB * NV; ++i) s[i] = (v8d){0};                                           \
+                    for (int64_t t = t0; t < t1; ++t) {                                                          \
+                        const double *vr = Vb + vrow[t] + v;                                                     \
+                        const int64_t c = scol[t];                                                               \
+                        v8d w[NV];                                                                               \
+                        for (int k = 0; k < NV; ++k) memcpy(&w[k], vr + 8 * k, sizeof w[k]);                     \
+                        for (int q = 0; q < RB; ++q) {                                                           \
+                            const double a = rows[q][c];                                                         \
+                            for (int k = 0; k < NV; ++k) s[q * NV + k] += a * w[k];                              \
                         }                                                                                        \
                     }                                                                                            \
-                    for (int q = 0; q < RB; ++q)                                                                 \
-                        for (int k = 0; k < NV; ++k)                                                             \
-                            for (int l = 0; l < 8; ++l) rowbuf[q * Vn + v + 8 * k + l] = acc[q * NV + k][l];     \
+                    v8di bad = (s[0] < lo) | (s[0] > hi);                                                        \
+                    for (int i = 1; i < RB * NV; ++i) bad |= (s[i] < lo) | (s[i] > hi);                          \
+                    int64_t lanes[8];                                                                            \
+                    memcpy(lanes, &bad, sizeof lanes);                                                           \
+                    if (lanes[0] | lanes[1] | lanes[2] | lanes[3] | lanes[4] | lanes[5] | lanes[6] | lanes[7]) { \
+                        v8d tmp[RB * NV]; /* a copy, so that s itself can stay in registers */                  \
+                        memcpy(tmp, s, sizeof tmp);                                                              \
+                        wrapped += wrap_block(tmp, RB * NV, nr, NV, Nout - v, lo, hi, mod);                      \
+                        memcpy(s, tmp, sizeof tmp);                                                              \
+                    }                                                                                            \
+                    if (t0 == 0) {                                                                               \
+                        for (int i = 0; i < RB * NV; ++i) acc[i] = __builtin_convertvector(s[i], v8f);           \
+                    } else {                                                                                     \
+                        for (int i = 0; i < RB * NV; ++i) acc[i] += __builtin_convertvector(s[i], v8f);          \
+                    }                                                                                            \
                 }                                                                                                \
-                /* rows stored in increasing r, each element once per row: accumulate adds in row order */      \
-                for (int q = 0; q < nr; ++q)                                                                     \
-                    store_row(ob + orow[r + q], ocol, rowbuf + q * Vn, Nout, accumulate, scale1, scale2);        \
+                for (int i = 0; i < RB * NV; ++i)                                                                \
+                    memcpy(rowbuf + (i / NV) * Vn + v + 8 * (i % NV), &acc[i], sizeof acc[i]);                   \
             }                                                                                                    \
+            /* rows stored in increasing r, each element once per row: accumulate adds in row order */          \
+            for (int q = 0; q < nr; ++q)                                                                         \
+                store_row(out + b * o_batch + orow[r + q], ocol, rowbuf + q * Vn, Nout, accumulate, scale1,      \
+                          scale2);                                                                               \
         }                                                                                                        \
         return wrapped;                                                                                          \
-    }                                                                                                            \
-    /* Work units: one batch element (accumulate: its rows must be added in order by one thread), else one      \
-     * register block of rows of one batch element; shared by the OpenMP threads (the runtime torch uses). */    \
-    int64_t NAME(const double *S, int64_t s_batch, const int64_t *srow, const int64_t *scol, const double *V,     \
-                 int64_t v_batch, const int64_t *vrow, float *out, int64_t o_batch, const int64_t *orow,          \
-                 const int64_t *ocol, int accumulate, float scale1, float scale2, int64_t b0, int64_t b1,          \
-                 int64_t R, int64_t T, int64_t Vn, int64_t Nout, int64_t chunk, double lo, double hi,              \
-                 double mod) {                                                                                    \
+    }
+
+/* int32 register block: RB rows x 16 columns, wrapping (nothing counted); shift = 32 - acc_bits. */
+#define DEFINE_I32_BODY(NAME, RB)                                                                                \
+    static int64_t NAME(float *rowbuf, KERNEL_ARGS(int32_t), int64_t b, int64_t r0, int64_t r1, int64_t T,       \
+                        int64_t Vn, int64_t Nout, int64_t chunk, int shift) {                                    \
+        const int32_t *Sb = S + b * s_batch;                                                                     \
+        const int32_t *Vb = V + b * v_batch;                                                                     \
+        for (int64_t r = r0; r < r1; r += RB) {                                                                  \
+            int nr = r1 - r < RB ? (int)(r1 - r) : RB;                                                           \
+            const int32_t *rows[RB];                                                                             \
+            for (int q = 0; q < RB; ++q) rows[q] = Sb + srow[q < nr ? r + q : r + nr - 1];                       \
+            for (int64_t v = 0; v < Vn; v += 16) {                                                               \
+                v16f acc[RB];                                                                                    \
+                for (int64_t t0 = 0; t0 < T; t0 += chunk) {                                                      \
+                    int64_t t1 = t0 + chunk < T ? t0 + chunk : T;                                                \
+                    v16u s[RB];                                                                                  \
+                    for (int q = 0; q < RB; ++q) s[q] = (v16u){0};                                               \
+                    for (int64_t t = t0; t < t1; ++t) {                                                          \
+                        v16u w;                                                                                  \
+                        memcpy(&w, Vb + vrow[t] + v, sizeof w);                                                  \
+                        const int64_t c = scol[t];                                                               \
+                        for (int q = 0; q < RB; ++q) s[q] += (uint32_t)rows[q][c] * w;                           \
+                    }                                                                                            \
+                    for (int q = 0; q < RB; ++q) {                                                               \
+                        v16i reg = (v16i)s[q];                                                                   \
+                        if (shift) reg = (v16i)(s[q] << (uint32_t)shift) >> shift; /* sign-extend acc_bits */    \
+                        v16f f = __builtin_convertvector(reg, v16f);                                             \
+                        if (t0 == 0)                                                                             \
+                            acc[q] = f;                                                                          \
+                        else                                                                                     \
+                            acc[q] += f;                                                                         \
+                    }                                                                                            \
+                }                                                                                                \
+                for (int q = 0; q < RB; ++q) memcpy(rowbuf + q * Vn + v, &acc[q], sizeof acc[q]);                \
+            }                                                                                                    \
+            for (int q = 0; q < nr; ++q)                                                                         \
+                store_row(out + b * o_batch + orow[r + q], ocol, rowbuf + q * Vn, Nout, accumulate, scale1,      \
+                          scale2);                                                                               \
+        }                                                                                                        \
+        return 0;                                                                                                \
+    }
+
+/* The exported driver: work units are one batch element (accumulate: its rows must be added in order by one
+ * thread), else one register block of rows of one batch element, shared by the OpenMP threads (the runtime torch
+ * uses, see the Python module). Returns the wrapped-register count, or -1 if a row buffer could not be allocated. */
+#define DEFINE_DRIVER(NAME, BODY, STYPE, RB, EXTRA_PARAMS, EXTRA_PASS)                                           \
+    int64_t NAME(KERNEL_ARGS(STYPE), int64_t b0, int64_t b1, int64_t R, int64_t T, int64_t Vn, int64_t Nout,     \
+                 int64_t chunk EXTRA_PARAMS) {                                                                   \
         const int64_t nrb = (R + RB - 1) / RB;                                                                   \
         const int64_t per_b = accumulate ? 1 : nrb;                                                             \
         const int64_t units = (b1 - b0) * per_b;                                                                 \
@@ -142,9 +209,7 @@ __attribute__((noinline, optimize("fp-contract=off"))) static void store_row(flo
                 int64_t b = b0 + u / per_b;                                                                      \
                 int64_t r0 = accumulate ? 0 : (u % per_b) * RB;                                                  \
                 int64_t r1 = accumulate ? R : (r0 + RB < R ? r0 + RB : R);                                       \
-                wrapped += NAME##_body(rowbuf, S, s_batch, srow, scol, V, v_batch, vrow, out, o_batch, orow,     \
-                                       ocol, accumulate, scale1, scale2, b, b + 1, r0, r1, T, Vn, Nout, chunk,   \
-                                       lo, hi, mod);                                                             \
+                wrapped += BODY(rowbuf, KERNEL_PASS, b, r0, r1, T, Vn, Nout, chunk EXTRA_PASS);                  \
             }                                                                                                    \
             if (!rowbuf) {                                                                                       \
                 _Pragma("omp atomic write")                                                                      \
@@ -155,6 +220,19 @@ __attribute__((noinline, optimize("fp-contract=off"))) static void store_row(flo
         return failed ? -1 : wrapped;                                                                            \
     }
 
+#define F64_PARAMS , double lo, double hi, double mod
+#define F64_PASS , lo, hi, mod
+#define I32_PARAMS , int shift
+#define I32_PASS , shift
+
+/* Narrow V (N <= 8): more rows per block; wide V: two vectors per row. */
+DEFINE_F64_BODY(f64_n8_body, 12, 1)
+DEFINE_F64_BODY(f64_n16_body, 6, 2)
+DEFINE_I32_BODY(i32_n16_body, 12)
+DEFINE_DRIVER(lt_gathered_gemm_n8, f64_n8_body, double, 12, F64_PARAMS, F64_PASS)
+DEFINE_DRIVER(lt_gathered_gemm_n16, f64_n16_body, double, 6, F64_PARAMS, F64_PASS)
+DEFINE_DRIVER(lt_gathered_gemm_i32, i32_n16_body, int32_t, 12, I32_PARAMS, I32_PASS)
+
 /* Whether this build runs its work units on OpenMP threads (else the caller splits the batch itself). */
 int lt_has_openmp(void) {
 #ifdef _OPENMP
@@ -163,7 +241,3 @@ int lt_has_openmp(void) {
     return 0;
 #endif
 }
-
-/* Narrow V (N <= 8): more rows per block; wide V: two vectors per row. */
-DEFINE_KERNEL(lt_gathered_gemm_n8, 12, 1)
-DEFINE_KERNEL(lt_gathered_gemm_n16, 6, 2)

@@ -52,7 +52,7 @@ __all__ = ["gathered_int_gemm", "native_available"]
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("gathered_gemm.c")
 # The kernels' register blocks: (rows, columns); V is padded to a multiple of the columns.
-_BLOCKS = {"lt_gathered_gemm_n8": (12, 8), "lt_gathered_gemm_n16": (6, 16)}
+_BLOCKS = {"lt_gathered_gemm_n8": (12, 8), "lt_gathered_gemm_n16": (6, 16), "lt_gathered_gemm_i32": (12, 16)}
 # No -ffast-math: the float32 chain across chunks must not be reassociated.
 _FLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11"]
 
@@ -121,8 +121,9 @@ def _compile() -> ctypes.CDLL:
     i64, ptr, f32, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
     for name in _BLOCKS:
         fn = getattr(lib, name)
+        extra = [ctypes.c_int] if name.endswith("i32") else [f64, f64, f64]
         fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int, f32, f32,
-                       i64, i64, i64, i64, i64, i64, i64, f64, f64, f64]
+                       i64, i64, i64, i64, i64, i64, i64, *extra]
         fn.restype = i64
     lib.lt_has_openmp.restype = ctypes.c_int
     return lib
@@ -188,7 +189,7 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
                       vrow: torch.Tensor | None = None, n: int | None = None, chunk: int | None, acc_bits: int = 32,
                       scale_exp: int = 0, transpose_out: bool = False,
                       into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, accumulate: bool = False,
-                      native: bool | None = None) -> tuple[torch.Tensor, int]:
+                      count_wraps: bool = True, native: bool | None = None) -> tuple[torch.Tensor, int | None]:
     """``out[b, r, j]`` of the module doc: chunked narrow-accumulator GEMM of ``A_b[r, t] = s[b, srow[r] + scol[t]]``
     and ``V_b``, exact.
 
@@ -211,11 +212,13 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
             must be distinct. ``accumulate=True`` adds instead of writing, row by row in increasing ``r`` (so
             an element's contributions are summed in float32 in that order: the col2im of a convolution's
             backward-data GEMM, in ``F.fold``'s order).
+        count_wraps: count the wrapped registers. ``False`` lets the native kernel use int32 registers (when
+            ``acc_bits <= 32``), which wrap by themselves and are faster; ``wrapped`` is then None.
         native: force (True) or forbid (False) the native kernel; None uses it when available for CPU tensors.
 
     Returns:
         ``(out float32, wrapped)``: ``wrapped`` counts registers (outputs x chunks) whose exact sum left the
-        register's range, i.e. whose wrapped value differs from the exact one.
+        register's range, i.e. whose wrapped value differs from the exact one (None without ``count_wraps``).
     """
     _check(s, srow, scol, v, vrow, n, chunk, acc_bits)
     dev = s.device
@@ -236,8 +239,8 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
         if into is not None:
             if not accumulate:
                 into[0].view(nb, -1)[:, (into[1].unsqueeze(1) + into[2].unsqueeze(0)).reshape(-1)] = 0.0
-            return into[0], 0
-        return torch.zeros(shape, dtype=torch.float32, device=dev), 0
+            return into[0], (0 if count_wraps else None)
+        return torch.zeros(shape, dtype=torch.float32, device=dev), (0 if count_wraps else None)
     use_native = dev.type == "cpu" and v.device.type == "cpu" and (native is not False) and native_available()
     if native and not use_native:
         raise ValueError("native=True but the native kernel is unavailable (CPU tensors and a C compiler are needed)")
@@ -246,7 +249,8 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
     h = scale_exp // 2
     f1, f2 = 2.0**h, 2.0 ** (scale_exp - h)
     if not use_native:
-        out, wrapped = _torch_path(s, srow, scol, v, vrow, nb, n_, c, acc_bits, chunk is None)
+        out, count = _torch_path(s, srow, scol, v, vrow, nb, n_, c, acc_bits, chunk is None)
+        wrapped = count if count_wraps else None
         out = out * f1 * f2  # float32 tensor times Python floats: float32 products, as the kernel's
         if into is None:
             return (out.transpose(1, 2).contiguous() if transpose_out else out.contiguous()), wrapped
@@ -258,18 +262,23 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
             else:
                 buf[:, idx] = out[:, r]
         return buf, wrapped
-    name = "lt_gathered_gemm_n8" if n_ <= 8 else "lt_gathered_gemm_n16"
+    wrapping = not count_wraps and acc_bits <= 32
+    if wrapping:
+        name, dt, extra = "lt_gathered_gemm_i32", torch.int32, (32 - acc_bits,)
+    else:
+        name = "lt_gathered_gemm_n8" if n_ <= 8 else "lt_gathered_gemm_n16"
+        dt, extra = torch.float64, (float(lo), float(hi), float(2**acc_bits))
     vb = _BLOCKS[name][1]
-    s64 = s.to(torch.float64).contiguous()
+    s64 = s.to(dt).contiguous()
     s_batch = s64.shape[1] if s64.shape[0] > 1 else 0
     if vrow is None:  # a (T, N) matrix: rows padded to whole vector blocks with zeros
         vn = -(-n_ // vb) * vb
-        v64 = torch.zeros(t_, vn, dtype=torch.float64)
+        v64 = torch.zeros(t_, vn, dtype=dt)
         v64[:, :n_] = v
         vrow_c = torch.arange(t_, dtype=torch.int64) * vn
         v_batch = 0
     else:  # flat storages, padded at the end: the kernel reads whole vector blocks past column n
-        v64 = torch.zeros(v.shape[0], v.shape[1] + vb, dtype=torch.float64)
+        v64 = torch.zeros(v.shape[0], v.shape[1] + vb, dtype=dt)
         v64[:, :v.shape[1]] = v
         vrow_c = vrow.contiguous()
         v_batch = v64.shape[1] if v64.shape[0] > 1 else 0
@@ -287,7 +296,7 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
     args = (s64.data_ptr(), s_batch, srow_c.data_ptr(), scol_c.data_ptr(), v64.data_ptr(), v_batch,
             vrow_c.data_ptr(), out.data_ptr(), o_batch, orow_c.data_ptr(), ocol_c.data_ptr(), int(accumulate),
             f1, f2)
-    tail = (t_, vn, n_, c, float(lo), float(hi), float(2**acc_bits))
+    tail = (t_, vn, n_, c, *extra)
     workers = max(1, torch.get_num_threads())
     if _lib.lt_has_openmp() or workers == 1 or nb == 1:  # type: ignore[union-attr]
         counts = [fn(*args, 0, nb, r_, *tail)]
@@ -299,7 +308,7 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
     wrapped = sum(counts)
     if min(counts) < 0:
         raise MemoryError("gathered_int_gemm: the native kernel could not allocate its row buffer")
-    return out, int(wrapped)
+    return out, (None if wrapping else int(wrapped))
 
 
 def _torch_path(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v: torch.Tensor, vrow: torch.Tensor | None,

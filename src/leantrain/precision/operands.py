@@ -149,9 +149,12 @@ class LayerNumerics:
             shape = (nb, cols, r) if transpose_out else (nb, r, cols)
             return torch.full(shape, float("nan"), dtype=torch.float32, device=s.device)
         chunk = acc.chunk_for(gemm)
+        recording = self.recording()
+        # Unrecorded steps need no count: int32 registers wrap by themselves (the faster native kernel).
         out, bad = gathered_int_gemm(s, srow, scol, v, vrow=vrow, n=n, chunk=chunk, acc_bits=acc.bits,
-                                     scale_exp=scale_exp, transpose_out=transpose_out, into=into, accumulate=accumulate)
-        if self.recording():
+                                     scale_exp=scale_exp, transpose_out=transpose_out, into=into, accumulate=accumulate,
+                                     count_wraps=recording)
+        if recording:
             t = scol.shape[0]
             nch = -(-t // min(chunk or t, t)) if t else 0
             self.recorder.observe_accumulator(self.name, gemm, nch * nb * r * cols, bad)  # type: ignore[union-attr]
