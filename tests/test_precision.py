@@ -166,6 +166,47 @@ def test_dfp16_conv_forward_is_the_exact_integer_convolution_rescaled(chunk) -> 
         assert bool(((y.double() - exact).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("geometry", [
+    dict(dims=2, cin=3, cout=5, k=3, stride=1, padding=1, dilation=1, size=(9, 7)),
+    dict(dims=2, cin=4, cout=16, k=3, stride=2, padding=1, dilation=1, size=(8, 8)),
+    dict(dims=2, cin=2, cout=9, k=(2, 3), stride=(2, 1), padding=(0, 2), dilation=(1, 2), size=(7, 10)),
+    dict(dims=1, cin=3, cout=17, k=5, stride=2, padding=2, dilation=1, size=(11,)),
+    dict(dims=2, cin=6, cout=8, k=1, stride=1, padding=0, dilation=1, size=(5, 5)),
+])
+@pytest.mark.parametrize("record", [True, False])
+def test_dfp16_conv_without_im2col_equals_the_unfold_path(geometry, native: bool, record: bool, monkeypatch) -> None:
+    """The gathered GEMMs (offset tables instead of unfold, col2im fused into backward-data, int32 or float64
+    registers, native kernel or torch) give the unfold/fold path's forward and gradients bit for bit."""
+    from leantrain.numerics.gathered_gemm import native_available
+    from leantrain.precision.operands import LayerNumerics
+
+    if native and not native_available():
+        pytest.skip("no working C compiler for the native kernel")
+    torch.manual_seed(8)
+    g_ = dict(geometry)
+    conv_cls = nn.Conv1d if g_.pop("dims") == 1 else nn.Conv2d
+    size = g_.pop("size")
+    conv = conv_cls(g_.pop("cin"), g_.pop("cout"), g_.pop("k"), **g_)
+    x = torch.randn(3, conv.in_channels, *size) * 3.0
+    gy = torch.randn(conv(x).shape) * 1e-3
+
+    def run(unfold: bool):
+        layer = copy.deepcopy(conv)
+        emulate(layer, "dfp16", recorder=Recorder() if record else None)
+        with monkeypatch.context() as m:
+            m.setenv("LEANTRAIN_NATIVE", "1" if native else "0")
+            if unfold:
+                m.setattr(LayerNumerics, "wraps_exactly", lambda self: False)
+            xx = x.clone().requires_grad_(True)
+            y = layer(xx)
+            y.backward(gy)
+        return y.detach(), xx.grad, layer.weight.grad
+
+    for got, ref in zip(run(False), run(True)):
+        assert torch.equal(got, ref)
+
+
 def test_dfp16_trains_lenet_and_counts_accumulator_overflows() -> None:
     torch.manual_seed(5)
     model = LeNet(in_channels=1, num_classes=3, width=4)
