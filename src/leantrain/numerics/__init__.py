@@ -6,6 +6,7 @@ See docs/numerics.md for the rounding, NaN, inf, subnormal and overflow rules.
 from leantrain.numerics.autograd import Quantizer, quantize_ste
 from leantrain.numerics.dfp import dfp_exponent, dfp_round, from_dfp, mantissa_dtype, to_dfp
 from leantrain.numerics.formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, PRESETS, TF32, FloatFormat
+from leantrain.numerics.gathered_gemm import gathered_int_gemm
 from leantrain.numerics.intmatmul import OVERFLOW_MODES, dfp_matmul, int_matmul, safe_chunk
 from leantrain.numerics.rounding import (
     ROUNDING_MODES,
@@ -21,5 +22,5 @@ __all__ = [
     "ROUNDING_MODES", "check_rounding", "quantize", "round_to_integer", "round_low_bits", "stochastic_round_up",
     "Quantizer", "quantize_ste",
     "to_dfp", "from_dfp", "dfp_round", "dfp_exponent", "mantissa_dtype",
-    "int_matmul", "dfp_matmul", "safe_chunk", "OVERFLOW_MODES",
+    "int_matmul", "dfp_matmul", "safe_chunk", "OVERFLOW_MODES", "gathered_int_gemm",
 ]
