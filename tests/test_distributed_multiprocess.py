@@ -64,8 +64,11 @@ def _reference(kind: str) -> list[torch.Tensor]:
 
 def _dp_run(rank: int, ws: int, d: Distribution, kind: str, **kw) -> tuple[list[torch.Tensor], dict]:
     set_to_none = kw.pop("set_to_none", True)  # False: backward accumulates straight into the buckets
+    message_bytes = kw.pop("message_bytes", None)  # all-reduce buckets in pieces of this many bytes
     model = _mlp()
     dp = DataParallel(model, d, bucket_mb=0.001, **kw)  # ~1 KB buckets: several buckets for this tiny MLP
+    if message_bytes:
+        dp.MESSAGE_BYTES = message_bytes
     opt = dp.optimizer(_optimizer(kind, model.parameters()))
     X, Y = _batches()
     b = X.shape[1] // ws
@@ -108,11 +111,15 @@ def _averaging_worker(rank: int, ws: int, d: Distribution) -> dict:
     g = torch.Generator().manual_seed(10 + rank)  # every rank has its own data
     results: dict = {}
     for mode in ({}, {"priority": False}, {"overlap": False}, {"set_to_none": False},
-                 {"set_to_none": False, "priority": False}, {"autograd": True}):
+                 {"set_to_none": False, "priority": False}, {"autograd": True},
+                 {"set_to_none": False, "priority": False, "message_bytes": 24}):
         kw = dict(mode)
         set_to_none, by_autograd = kw.pop("set_to_none", True), kw.pop("autograd", False)
+        message_bytes = kw.pop("message_bytes", None)
         model, local = net(), net()
         dp = DataParallel(model, d, bucket_mb=0.0001, **kw)
+        if message_bytes:  # buckets all-reduced in pieces that cut through parameters
+            dp.MESSAGE_BYTES = message_bytes
         mismatches = []
         for step in range(3):
             x = torch.randn(6, 5, generator=g)
@@ -169,7 +176,8 @@ def _two_rank_worker(rank: int, ws: int, resume_dir: str) -> dict:
     for kind in ("sgd", "adam"):
         for mode in ({}, {"priority": False}, {"overlap": False}, {"overlap": False, "priority": False},
                      {"distributed_update": True}, {"distributed_update": True, "priority": False},
-                     {"set_to_none": False}, {"set_to_none": False, "priority": False}):
+                     {"set_to_none": False}, {"set_to_none": False, "priority": False},
+                     {"message_bytes": 200, "set_to_none": False}):
             out[("dp", kind, tuple(sorted(mode.items())))] = _dp_run(rank, ws, d, kind, **mode)
     # model-parallel Linear vs nn.Linear (float64), forward and backward
     torch.manual_seed(5)
@@ -221,7 +229,7 @@ def two_ranks(resume_reference_dir) -> list[dict]:
 
 MODES = [(), (("priority", False),), (("overlap", False),), (("overlap", False), ("priority", False)),
          (("distributed_update", True),), (("distributed_update", True), ("priority", False)), (("set_to_none", False),),
-         (("priority", False), ("set_to_none", False))]
+         (("priority", False), ("set_to_none", False)), (("message_bytes", 200), ("set_to_none", False))]
 
 
 def test_distribution_groups(two_ranks):

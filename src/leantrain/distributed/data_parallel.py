@@ -15,11 +15,13 @@ How the exchange is organised:
   the first layers.
 - **Averaging.** A post-accumulate-grad hook on each parameter writes ``g / P`` into the parameter's slice of
   its bucket: the division is folded into the copy (one pass, like torch's DDP), or, when backward already
-  accumulated into the bucket (``param.grad`` is a view of it, see below), done in place. The collective then
-  *sums* the pre-divided gradients, so the bucket holds the average the moment it completes: no pass over the
-  bucket after the exchange. For a power-of-two ``P`` the division is exact and the result is bitwise the
-  ``SUM`` all-reduce divided by ``P``; otherwise the two differ by rounding (about one ulp). Compressed
-  exchanges average in float32 themselves and take the gradients undivided.
+  accumulated into the bucket (``param.grad`` is a view of it, see below), done in place just before the
+  exchange. The collective then *sums* the pre-divided gradients, so the bucket holds the average the moment
+  it completes: no pass over the bucket after the exchange. For a power-of-two ``P`` the division is exact
+  and the result is bitwise the ``SUM`` all-reduce divided by ``P``; otherwise the two differ by rounding
+  (about one ulp). Buckets above ``MESSAGE_BYTES`` are all-reduced in pieces, each divided in place right
+  before it starts, so that dividing piece ``k+1`` overlaps the transfer of piece ``k``. Compressed exchanges
+  average in float32 themselves and take the gradients undivided.
 - **Overlap.** When a bucket's last gradient arrives, its non-blocking collective starts at once while backward
   continues: from the hook itself (like DDP's reducer; no thread hand-off) or, when the exchange has to block
   part-way (priority negotiation, the two phases of a compressed exchange), from the communication thread
@@ -99,6 +101,7 @@ class _Bucket:
         self.pending = len(params)
         self.ready_time = self.launch_time = 0.0
         self.works: list[Pending] = []
+        self.undivided: list[tuple[int, int]] = []  # ranges that backward accumulated into, still to divide by P
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +110,7 @@ class _Bucket:
     def reset(self) -> None:
         self.pending = len(self.params)
         self.works = []
+        self.undivided = []
         self.result = None
 
 
@@ -133,6 +137,9 @@ class DataParallel(nn.Module):
     ``state_dict()``/``load_state_dict()`` are those of ``module`` (no ``module.`` prefix), so checkpoints load
     into the bare model.
     """
+
+    #: Buckets larger than this are all-reduced in pieces of this size (see "Averaging" in the module doc).
+    MESSAGE_BYTES = 32 << 20
 
     def __init__(self, module: nn.Module, distribution: Distribution | None = None, *, bucket_mb: float = 25.0,
                  compression: str | Compression | None = "none", error_feedback: bool = True, priority: bool = True,
@@ -162,6 +169,7 @@ class DataParallel(nn.Module):
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[nn.Parameter, _Bucket] = {}
         self._view_of: dict[nn.Parameter, torch.Tensor] = {}
+        self._offset_of: dict[nn.Parameter, int] = {}
         self._plan([[p for p in module.parameters() if p.requires_grad]])
         if broadcast:
             self._broadcast_state()
@@ -200,7 +208,7 @@ class DataParallel(nn.Module):
         order = {p: i for i, p in enumerate(self.module.parameters())}
         params = sorted(((p, g) for g, ps in enumerate(groups) for p in ps if p.requires_grad),
                         key=lambda pg: -order.get(pg[0], -1))
-        self.buckets, self._bucket_of, self._view_of = [], {}, {}
+        self.buckets, self._bucket_of, self._view_of, self._offset_of = [], {}, {}, {}
         cur: list[nn.Parameter] = []
         cur_group, size = -1, 0
         for p, g in params:
@@ -223,9 +231,10 @@ class DataParallel(nn.Module):
         if self.distributed_update:
             b.shard_grad = torch.zeros(b.chunk, dtype=b.grad.dtype, device=b.grad.device)
         self.buckets.append(b)
-        for p, view in zip(params, b.views):
+        for p, view, off in zip(params, b.views, b.offsets):
             self._bucket_of[p] = b
             self._view_of[p] = view
+            self._offset_of[p] = off
 
     def layout(self) -> list[dict[str, Any]]:
         """The buckets: index, parameter names (backward order), elements and bytes."""
@@ -295,24 +304,25 @@ class DataParallel(nn.Module):
         if p in self._arrived:  # exchange_gradients() after backward: this gradient is in its bucket already
             return
         self._arrived.add(p)
-        self._fill(p, self._view_of[p])
         b = self._bucket_of[p]
+        self._fill(p, b, self._view_of[p])
         b.pending -= 1
         if b.pending == 0:
             b.ready_time = time.perf_counter()
             if self.overlap:
                 self._ready(b)
 
-    def _fill(self, p: nn.Parameter, view: torch.Tensor) -> None:
+    def _fill(self, p: nn.Parameter, b: _Bucket, view: torch.Tensor) -> None:
         """Write ``p``'s gradient (None counts as zero) into its bucket slice ``view``, divided by P when the
-        exchange sums (one pass: the division is folded into the copy, or done in place when backward
-        accumulated into the bucket itself)."""
+        exchange sums (one pass: the division is folded into the copy; when backward accumulated into the
+        bucket itself, :meth:`_exchange` divides in place right before sending)."""
         g = p.grad
         if g is None:
             view.zero_()
         elif g.data_ptr() == view.data_ptr():
             if self._scale is not None:
-                view.mul_(self._scale)
+                off = self._offset_of[p]
+                b.undivided.append((off, off + view.numel()))
         elif self._scale is not None:
             torch.mul(g.detach(), self._scale, out=view)
         else:
@@ -381,16 +391,33 @@ class DataParallel(nn.Module):
         b.launch_time = time.perf_counter()
         label = f"bucket {b.index} ({b.nbytes / 1e6:.3g} MB, step {self._step_index})"
         if not self.compressed:
-            # The gradients were divided by P on their way in: the sum is the average (see the module doc).
+            # The gradients are divided by P on their way in: the sum is the average (see the module doc).
             if self.distributed_update:
+                if b.undivided:
+                    self._divide(b, 0, b.padded)
                 b.works.append(self.group.reduce_scatter(b.shard_grad, b.grad, f"reduce_scatter of {label}"))
             else:
-                b.works.append(self.group.all_reduce(b.grad, f"all_reduce of {label}"))
+                step = max(1, self.MESSAGE_BYTES // b.grad.element_size())
+                pieces = range(0, b.padded, step)
+                for lo in pieces:
+                    hi = min(lo + step, b.padded)
+                    if b.undivided:
+                        self._divide(b, lo, hi)
+                    where = f" [{lo}:{hi}]" if len(pieces) > 1 else ""
+                    b.works.append(self.group.all_reduce(b.grad[lo:hi], f"all_reduce of {label}{where}"))
         else:
             self._compressed_exchange(b, label)
         if wait:
             for w in b.works:
                 w.wait()
+
+    @torch.no_grad()
+    def _divide(self, b: _Bucket, lo: int, hi: int) -> None:
+        """Divide by P, in place, what backward accumulated into ``b.grad[lo:hi]`` (see :meth:`_fill`)."""
+        for start, end in b.undivided:
+            s, e = max(start, lo), min(end, hi)
+            if s < e:
+                b.grad[s:e].mul_(self._scale)
 
     def _compressed_exchange(self, b: _Bucket, label: str) -> None:
         comp, parts, c = self.compression, self.parts, b.chunk
@@ -450,7 +477,7 @@ class DataParallel(nn.Module):
                 for b in late:
                     for p, view in zip(b.params, b.views):
                         if p not in self._arrived:
-                            self._fill(p, view)
+                            self._fill(p, b, view)
                     b.pending = 0
                     b.ready_time = t_call
             if self.overlap:  # the others started during backward; these in index order on every rank
