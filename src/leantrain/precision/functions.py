@@ -286,7 +286,9 @@ def _dfp_conv_backward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp
                             vrow=ar(o) * lo, n=lo, into=(dxp, taps, _position_offsets(ho, wo, wp, stride, xm.device)),
                             accumulate=True)
             h, w_ = x2.shape[2:]
-            dx = dxp.view(n, -1, hp, wp)[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w_]
+            # contiguous, like the FP32 convolution's gradient: downstream FP32 kernels (batch norm) sum in an order
+            # that depends on the memory layout
+            dx = dxp.view(n, -1, hp, wp)[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w_].contiguous()
         if gw is not None:
             gm, ge = gw
             pos = _position_offsets(ho, wo, wp, stride, xm.device)
