@@ -18,6 +18,7 @@ from torch import nn
 
 from leantrain.bench import check, compare
 from leantrain.models import resnet20
+from leantrain.numerics.gathered_gemm import native_available
 from leantrain.precision import emulate, policy_names
 from leantrain.registry import benchmark
 
@@ -85,4 +86,6 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         rows.append({"name": "native torch.autocast bf16 step", "skipped": str(err)})
     return {"rows": rows, "checks": checks,
             "setup": {"model": f"resnet{depth} width {width}", "batch": batch, "input": [3, 32, 32],
-                      "threads": torch.get_num_threads()}}
+                      "threads": torch.get_num_threads(),
+                      # dfp16 convolutions: native C kernel, or the torch fallback where no compiler works
+                      "dfp_native_kernel": native_available()}}
