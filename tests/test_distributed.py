@@ -137,6 +137,9 @@ def test_single_process_data_parallel_equals_plain_training(kw):
     assert 0 <= st.compute_s <= st.step_s and st.exposed_comm_s >= 0
     # bucket 0 (last layers) is ready before the last bucket (first layers)
     assert st.buckets[0].ready_s <= st.buckets[-1].ready_s
+    # the first layers' bucket completes first_done_s after the step start = compute time + first_bucket_s
+    assert st.first_done_s == st.buckets[-1].done_s
+    assert abs(st.first_done_s - (st.compute_s + st.first_bucket_s)) < 1e-9
     # the state dict is the bare model's
     assert list(dp.state_dict()) == list(model.state_dict())
     dp.close()

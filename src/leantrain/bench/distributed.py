@@ -8,8 +8,11 @@ The benchmark spawns two processes itself (127.0.0.1, one thread each) and measu
    communication thread, collective, averaging, write-back) vs a raw ``dist.all_reduce`` of the same tensor,
    for 4 KB to 64 MB; bus bandwidth = ``2 (P-1)/P * n / t``;
 3. exposed (non-overlapped) communication per step with and without overlap, and with and without priority the
-   time from the end of backward until the first layers' bucket is averaged, for ResNet-20 and for a
-   communication-bound 6 x 512x512 MLP (1 MB buckets) where buckets queue up behind each other.
+   time until the first layers' bucket is averaged, for ResNet-20 and for a communication-bound 6 x 512x512 MLP
+   (1 MB buckets) where buckets queue up behind each other. The priority check compares that time from the
+   start of the step (``first_done_s``): FIFO starts its collectives from the backward hooks, so part of its
+   exchange slows backward down instead of following it, and a time counted from the end of backward
+   (``first_bucket_s``, also reported) would credit FIFO for that.
 
 Every rank runs the same sequence of collectives; timings come from rank 0. Both ranks start each sample at a
 barrier so that one rank's scheduling delay is not counted as the other's communication.
@@ -150,14 +153,15 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     checks = [check(f"{r['name'].split(': ')[1]} step / DDP step", r["ratio"], "<=", 1.1) for r in steps]
     checks.append(check("bucketed / raw all-reduce bus bandwidth at 64 MB", bw[64 * 1024]["busbw_ratio"], ">=", 0.9))
     pr = extra["priority"]
-    checks.append(check("comm-bound MLP: first-layer bucket done after backward, priority / FIFO",
-                        pr["priority"]["first_bucket_s"] / max(pr["FIFO"]["first_bucket_s"], 1e-9), "<=", 1.0))
+    checks.append(check("comm-bound MLP: first-layer bucket done (from step start), priority / FIFO",
+                        pr["priority"]["first_done_s"] / max(pr["FIFO"]["first_done_s"], 1e-9), "<=", 1.0))
     summary = {
         "exposed_comm_ms": {k: v["exposed_comm_s"] * 1e3 for k, v in exposure.items()},
         "comm_ms": {k: v["comm_s"] * 1e3 for k, v in exposure.items()},
         "compute_ms": {k: v["compute_s"] * 1e3 for k, v in exposure.items()},
         "first_bucket_ms": {k: v["first_bucket_s"] * 1e3 for k, v in exposure.items()},
         "comm_bound_first_bucket_ms": {k: v["first_bucket_s"] * 1e3 for k, v in extra["priority"].items()},
+        "comm_bound_first_done_ms": {k: v["first_done_s"] * 1e3 for k, v in extra["priority"].items()},
         "comm_bound_step_ms": {k: v["step_s"] * 1e3 for k, v in extra["priority"].items()},
         "busbw_GBps": {k: {"bucketed": r["candidate_busbw_GBps"], "raw": r["baseline_busbw_GBps"]} for k, r in bw.items()},
         "buckets": extra["buckets"],

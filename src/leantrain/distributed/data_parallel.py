@@ -34,10 +34,11 @@ How the exchange is organised:
   at a time and always picks, among the buckets ready on every rank, the one closest to the input (highest
   index). To agree on that choice without a coordinator, the ranks all-reduce (MIN) their count of ready
   buckets before each pick: backward readies buckets in the same order everywhere, so the minimum is a prefix
-  that every rank holds. What it buys: the first layers' gradients are complete sooner after backward ends
-  (``StepStats.first_bucket_s``), which an update that starts per layer, or the all-gather of the
-  distributed update, can use. What it costs: one tiny all-reduce and a round trip per bucket. The benchmark
-  ``leantrain bench distributed`` measures both.
+  that every rank holds; the negotiation of the next pick travels together with the exchange of the current
+  one. What it buys: the first layers' gradients are complete sooner (``StepStats.first_done_s``), which an
+  update that starts per layer, or the all-gather of the distributed update, can use. What it costs: one tiny
+  all-reduce per bucket, and one bucket on the link at a time. The benchmark ``leantrain bench distributed``
+  measures both.
 - **Compression** (``none``, ``fp16``, ``bf16``, ``int8``, ``sign``; see :mod:`.compression`). A compressed
   bucket is exchanged in two phases that keep the ring's bandwidth cost ``2(P-1)/P`` of the payload: each rank
   splits its bucket into ``P`` chunks, compresses them and sends chunk ``j`` to rank ``j`` (all-to-all);
@@ -373,20 +374,30 @@ class DataParallel(nn.Module):
         return len(self._ready_order) > self._processed
 
     def _priority_round(self) -> None:
+        # One round: the negotiation of the next pick goes over the link together with the exchange of this one
+        # (picked from the previous negotiation), so that no round trip leaves the link idle. Every rank runs
+        # the same rounds: what a round does depends only on the agreed state, which all ranks share.
+        neg = None
         if self._agreed < len(self.buckets):
             with self._cv:
                 local = len(self._ready_order)
             self._negotiation.fill_(local)
-            self.group.all_reduce(self._negotiation, f"priority negotiation (step {self._step_index})",
-                                  op=torch.distributed.ReduceOp.MIN).wait()
+            neg = self.group.all_reduce(self._negotiation, f"priority negotiation (step {self._step_index})",
+                                        op=torch.distributed.ReduceOp.MIN)
+        b = None
+        if self._heap:
+            b = self.buckets[self._heap.pop()]  # highest index = closest to the input = needed first by the next forward
+            self._exchange(b, wait=False)
+        if neg is not None:
+            neg.wait()
             agreed = int(self._negotiation.item())
             with self._cv:
                 new = self._ready_order[self._agreed:agreed]
             self._heap = sorted(self._heap + new)
             self._agreed = agreed
-        if self._heap:
-            index = self._heap.pop()  # highest index = closest to the input = needed first by the next forward
-            self._exchange(self.buckets[index], wait=True)
+        if b is not None:
+            for w in b.works:
+                w.wait()
             self._processed += 1
 
     def _exchange(self, b: _Bucket, *, wait: bool) -> None:
@@ -575,6 +586,7 @@ class DataParallel(nn.Module):
         st.comm_s = busy_time(intervals)
         if self.buckets:
             st.first_bucket_s = st.buckets[-1].done_s - (t_call - t0)
+            st.first_done_s = st.buckets[-1].done_s
         self.timeline.span("forward+backward", "compute", t0, t_call)
         if t_done > t_call:
             self.timeline.span("wait (exposed comm)", "compute", t_call, t_done)

@@ -12,7 +12,9 @@ Definitions used by :class:`StepStats` (one training step, from the first forwar
 - ``exposed_comm_s``: how long ``finish()`` blocked, i.e. communication not hidden behind backward;
 - ``update_s``: the optimizer step (with the distributed update: shard update + parameter all-gather);
 - ``first_bucket_s``: from the call of ``finish()`` to the completion of the highest-priority bucket (the
-  parameters the next forward needs first); what priority scheduling shortens.
+  parameters the next forward needs first);
+- ``first_done_s``: from the first forward to that completion: when the next forward could start on the first
+  layers, whatever share of the exchange ran during backward (what priority scheduling shortens).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class StepStats:
     update_s: float = 0.0
     step_s: float = 0.0
     first_bucket_s: float = 0.0
+    first_done_s: float = 0.0
     bytes_sent: int = 0
     buckets: list[BucketStats] = field(default_factory=list)
 
@@ -79,7 +82,7 @@ def summarize(stats: list[StepStats], skip: int = 1) -> dict[str, float]:
     rows = stats[skip:] if len(stats) > skip else stats
     if not rows:
         return {}
-    keys = ("compute_s", "comm_s", "exposed_comm_s", "update_s", "step_s", "first_bucket_s")
+    keys = ("compute_s", "comm_s", "exposed_comm_s", "update_s", "step_s", "first_bucket_s", "first_done_s")
     out = {k: statistics.median(getattr(r, k) for r in rows) for k in keys}
     out["bytes_sent"] = statistics.median(r.bytes_sent for r in rows)
     out["steps"] = len(rows)
