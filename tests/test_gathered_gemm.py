@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-import leantrain.numerics.gathered_gemm as gg
+import leantrain.numerics.native as native_mod
 from leantrain.numerics.gathered_gemm import gathered_int_gemm, native_available
 
 NATIVE = native_available()
@@ -139,13 +139,13 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 
 def test_without_a_compiler_the_torch_path_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
-    monkeypatch.setattr(gg, "_lib", None)
-    monkeypatch.setattr(gg, "_lib_error", None)
+    monkeypatch.setattr(native_mod, "_lib", None)
+    monkeypatch.setattr(native_mod, "_lib_error", None)
     monkeypatch.setenv("CC", "/bin/false")
     monkeypatch.setenv("LEANTRAIN_KERNEL_CACHE", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="leantrain.numerics.gathered_gemm"):
+    with caplog.at_level(logging.WARNING, logger="leantrain.numerics.native"):
         assert not native_available()
-    assert "torch path" in caplog.text
+    assert "torch paths" in caplog.text
     assert not any(p.name.endswith(".so") for p in tmp_path.iterdir())  # nothing half-written left behind
     s, v = torch.ones(1, 10), torch.ones(3, 2)
     out, _ = gathered_int_gemm(s, torch.arange(2), torch.arange(3), v, chunk=2)
@@ -154,3 +154,24 @@ def test_without_a_compiler_the_torch_path_is_used(monkeypatch: pytest.MonkeyPat
         gathered_int_gemm(s, torch.arange(2), torch.arange(3), v, chunk=2, native=True)
     monkeypatch.setenv("LEANTRAIN_NATIVE", "0")
     assert not native_available()
+
+
+@needs_native
+def test_native_stochastic_rounding_equals_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """round_to_integer's native pass: the same rule and the same generator draws, so the same bits."""
+    from leantrain.numerics import round_to_integer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50_000, generator=g) * torch.exp2(torch.randint(-30, 30, (50_000,), generator=g).float())
+    x[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45])
+    x[6:12] = torch.tensor([2.0**23, -(2.0**24 + 2), 0.5, -0.5, 1.0, -1.5])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xs = x.to(dtype)
+        native = round_to_integer(xs, "stochastic", generator=torch.Generator().manual_seed(7))
+        with monkeypatch.context() as m:
+            m.setenv("LEANTRAIN_NATIVE", "0")
+            ref = round_to_integer(xs, "stochastic", generator=torch.Generator().manual_seed(7))
+        assert native.dtype == ref.dtype == dtype
+        assert torch.equal(native.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           ref.view(torch.int16 if dtype != torch.float32 else torch.int32))
+        assert not torch.equal(native[12:], torch.round(xs[12:]))  # it really rounded stochastically

@@ -21,9 +21,8 @@ summation order. Only the float32 chain across chunks is order-sensitive, and bo
 
 Backends (the same results, bit for bit; tested against each other and against int64 references):
 
-- native: a small C kernel (``gathered_gemm.c``) compiled on first use with the system C compiler into a cache
-  directory (``$LEANTRAIN_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/leantrain`` or ``~/.cache/leantrain``; written to a
-  temporary name and renamed), loaded with ctypes and run on torch's OpenMP threads (``torch.get_num_threads()``).
+- native: a C kernel (:mod:`leantrain.numerics.native`: compiled on first use, cached, run on torch's OpenMP
+  threads, ``torch.get_num_threads()``).
   It keeps each chunk's registers in CPU registers, so the ``T/c`` partial sums per output never reach memory, and
   gathers its operand through the offset tables, so im2col is never built. CPU tensors only.
 - torch: gathers ``A`` (like ``unfold``) and runs the tiled batched float64 GEMM of ``int_matmul``'s fast path.
@@ -32,123 +31,16 @@ Backends (the same results, bit for bit; tested against each other and against i
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import subprocess
-import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
 from leantrain.numerics.intmatmul import _wrap_chunk_sums_t
+from leantrain.numerics.native import GEMM_BLOCKS, native_available, native_library
 
 __all__ = ["gathered_int_gemm", "native_available"]
 
-_log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("gathered_gemm.c")
-# The kernels' register blocks: (rows, columns); V is padded to a multiple of the columns.
-_BLOCKS = {"lt_gathered_gemm_n8": (12, 8), "lt_gathered_gemm_n16": (6, 16), "lt_gathered_gemm_i32": (12, 16)}
-# No -ffast-math: the float32 chain across chunks must not be reassociated.
-_FLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11"]
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_lib_error: str | None = None
 _pool: ThreadPoolExecutor | None = None
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("LEANTRAIN_KERNEL_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "leantrain"
-
-
-def _cpu_key() -> str:
-    """What -march=native depends on: the machine and its CPU flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = line
-                    break
-    except OSError:
-        pass
-    return platform.machine() + flags
-
-
-def _build(cc: str, flags: list[str], lib_path: Path) -> None:
-    """Compile the kernel to ``lib_path`` through a temporary file and a rename (atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=".gathered_gemm-", suffix=".so", dir=lib_path.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, lib_path)  # a concurrent or interrupted build never leaves a partial library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _compile() -> ctypes.CDLL:
-    """Build (once per source, flags and CPU) and load the kernel. With OpenMP it links ``libgomp.so.1``: a torch
-    that ships its own libgomp has it loaded already under that name, so the kernel's threads are torch's own
-    thread pool (no second pool spinning against it); without OpenMP the caller splits the batch over threads."""
-    src = _SOURCE.read_bytes()
-    cc = os.environ.get("CC", "cc")
-    out_dir = _cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for extra in (["-fopenmp"], []):
-        flags = [*_FLAGS, *extra]
-        key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_key().encode()).hexdigest()[:16]
-        lib_path = out_dir / f"gathered_gemm-{key}.so"
-        try:
-            if not lib_path.exists():
-                _build(cc, flags, lib_path)
-            lib = ctypes.CDLL(str(lib_path))  # CDLL calls release the GIL
-            break
-        except (OSError, subprocess.SubprocessError) as err:
-            errors.append(err)
-    else:
-        raise errors[-1]
-    i64, ptr, f32, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
-    for name in _BLOCKS:
-        fn = getattr(lib, name)
-        extra = [ctypes.c_int] if name.endswith("i32") else [f64, f64, f64]
-        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int, f32, f32,
-                       i64, i64, i64, i64, i64, i64, i64, *extra]
-        fn.restype = i64
-    lib.lt_has_openmp.restype = ctypes.c_int
-    return lib
-
-
-def native_available() -> bool:
-    """Whether the native kernel is usable (compiled and loaded; ``LEANTRAIN_NATIVE=0`` turns it off)."""
-    global _lib, _lib_error
-    if os.environ.get("LEANTRAIN_NATIVE", "1") == "0":
-        return False
-    if _lib is not None:
-        return True
-    if _lib_error is not None:
-        return False
-    with _lock:
-        if _lib is None and _lib_error is None:
-            try:
-                _lib = _compile()
-            except (OSError, subprocess.SubprocessError) as err:
-                detail = getattr(err, "stderr", b"") or b""
-                _lib_error = f"{err} {detail.decode(errors='replace')[:500]}"
-                _log.warning("leantrain: native gathered_int_gemm kernel unavailable, using the torch path: %s",
-                             _lib_error)
-    return _lib is not None
-
 
 def _executor() -> ThreadPoolExecutor:
     global _pool
@@ -268,7 +160,7 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
     else:
         name = "lt_gathered_gemm_n8" if n_ <= 8 else "lt_gathered_gemm_n16"
         dt, extra = torch.float64, (float(lo), float(hi), float(2**acc_bits))
-    vb = _BLOCKS[name][1]
+    vb = GEMM_BLOCKS[name][1]
     s64 = s.to(dt).contiguous()
     s_batch = s64.shape[1] if s64.shape[0] > 1 else 0
     if vrow is None:  # a (T, N) matrix: rows padded to whole vector blocks with zeros
@@ -292,13 +184,14 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
     else:
         out, orow_c, ocol_c = into[0], into[1].contiguous(), into[2].contiguous()
         o_batch = out.shape[1]
-    fn = getattr(_lib, name)
+    lib = native_library()
+    fn = getattr(lib, name)
     args = (s64.data_ptr(), s_batch, srow_c.data_ptr(), scol_c.data_ptr(), v64.data_ptr(), v_batch,
             vrow_c.data_ptr(), out.data_ptr(), o_batch, orow_c.data_ptr(), ocol_c.data_ptr(), int(accumulate),
             f1, f2)
     tail = (t_, vn, n_, c, *extra)
     workers = max(1, torch.get_num_threads())
-    if _lib.lt_has_openmp() or workers == 1 or nb == 1:  # type: ignore[union-attr]
+    if lib.lt_has_openmp() or workers == 1 or nb == 1:  # type: ignore[union-attr]
         counts = [fn(*args, 0, nb, r_, *tail)]
     else:  # no OpenMP in this build: split the batch over Python threads (ctypes releases the GIL)
         cuts = [nb * i // workers for i in range(workers + 1)]

@@ -26,7 +26,9 @@ Rounding modes (``rounding=``):
   device -> same result).
 - ``"truncate"``: round toward zero (clear the low bits), what cheap hardware does.
 
-Speed: CPU tensors are processed in blocks of 64K elements so that the few integer passes stay in cache. For
+Speed: stochastic :func:`round_to_integer` of float32 CPU tensors runs as one native pass
+(:mod:`leantrain.numerics.native`) fed with the same generator draws as the torch code, so the same bits.
+CPU tensors are processed in blocks of 64K elements so that the few integer passes stay in cache. For
 nearest-even the subnormal range of narrow formats is rounded by the FPU's own round-to-nearest-even
 (``(|x| + C) - C``, exact by construction), and BF16/FP16 nearest may use torch's native cast after a
 bit-for-bit probe (see :func:`quantize`); these are faster ways to compute the same rule, checked against
@@ -38,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from leantrain.numerics.formats import FloatFormat, float32_bits
+from leantrain.numerics.native import native_library
 
 __all__ = ["ROUNDING_MODES", "check_rounding", "round_low_bits", "round_to_integer", "stochastic_round_up", "quantize"]
 
@@ -170,6 +173,15 @@ def round_to_integer(x: torch.Tensor, rounding: str = "nearest", *, generator: t
         up = stochastic_round_up(mag - low, generator=generator)
         return torch.copysign(low + up.to(x.dtype), x)
     xf = x.to(torch.float32).contiguous()
+    lib = native_library() if xf.device.type == "cpu" and xf.numel() else None
+    if lib is not None:  # the same rule and the same draws in one native pass (leantrain.numerics.native)
+        rbits = torch.empty(xf.shape, dtype=torch.int32)
+        _uniform_bits(rbits, 31, generator)
+        n_small = lib.lt_count_below_one_f32(xf.data_ptr(), xf.numel())
+        u = torch.rand(n_small, dtype=torch.float64, generator=generator)
+        out = torch.empty_like(xf)
+        lib.lt_round_stochastic_f32(xf.data_ptr(), xf.numel(), rbits.data_ptr(), u.data_ptr(), out.data_ptr())
+        return out.to(x.dtype)
     bits = xf.view(torch.int32)
     a = bits & _ABS
     exp_field = a >> 23

@@ -241,3 +241,43 @@ int lt_has_openmp(void) {
     return 0;
 #endif
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Stochastic rounding of float32 to integers: the native pass of leantrain.numerics.round_to_integer (see there).
+ * With a = |x|'s bit pattern and e its exponent field:
+ *   e >= 150 (|x| >= 2^23, inf, NaN): unchanged;
+ *   e < 127 (|x| < 1): 1 if u_small[j] < |x| (float64) else 0, j counting these elements in order;
+ *   else: the low s = 150 - e bits of a are dropped after adding the low s bits of rbits[i] (P(up) = fraction);
+ * and the sign of x is put back. rbits and u_small are the caller's draws from its torch.Generator, in the torch
+ * path's order, so both paths give the same bits. */
+int64_t lt_count_below_one_f32(const float *x, int64_t n) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        count += ((bits & 0x7FFFFFFFu) >> 23) < 127;
+    }
+    return count;
+}
+
+void lt_round_stochastic_f32(const float *x, int64_t n, const int32_t *rbits, const double *u_small, float *out) {
+    int64_t j = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        const uint32_t sign = bits & 0x80000000u, a = bits & 0x7FFFFFFFu, e = a >> 23;
+        uint32_t r;
+        if (e >= 150) {
+            r = a;
+        } else if (e < 127) {
+            float mag;
+            memcpy(&mag, &a, sizeof mag);
+            r = u_small[j++] < (double)mag ? 0x3F800000u : 0u;
+        } else {
+            const uint32_t mask = (1u << (150 - e)) - 1u;
+            r = (a + ((uint32_t)rbits[i] & mask)) & ~mask;
+        }
+        r |= sign;
+        memcpy(out + i, &r, sizeof r);
+    }
+}
