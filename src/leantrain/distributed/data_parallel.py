@@ -10,10 +10,9 @@ with batch ``b`` each train like one process with batch ``P*b`` (up to floating-
 How the exchange is organised:
 
 - **Buckets.** Trainable parameters are packed, in *reverse registration order* (the order backward produces
-  their gradients), into flat buckets; a bucket is closed as soon as it holds ``bucket_mb`` MiB (torch DDP's
-  rule, so the same ``bucket_mb`` gives the same buckets as DDP), and never mixes dtypes, devices or, with the
-  distributed update, optimizer parameter groups. Bucket 0 holds the last layers, the last bucket
-  the first layers.
+  their gradients), into flat buckets of at most ``bucket_mb`` MiB (a larger parameter gets a bucket of its
+  own; a bucket never mixes dtypes, devices or, with the distributed update, optimizer parameter groups).
+  Bucket 0 holds the last layers, the last bucket the first layers.
 - **Averaging.** A post-accumulate-grad hook on each parameter writes ``g / P`` into the parameter's slice of
   its bucket: the division is folded into the copy (one pass, like torch's DDP), or, when backward already
   accumulated into the bucket (``param.grad`` is a view of it, see below), done in place just before the
@@ -122,7 +121,7 @@ class DataParallel(nn.Module):
     Args:
         module: the model (may be precision-wrapped, may contain model-parallel layers of the same distribution).
         distribution: the process grid; default ``Distribution()`` (every process is a data replica).
-        bucket_mb: bucket size in MiB: a bucket closes once it holds this much (as in DDP). > 0.
+        bucket_mb: target bucket size in MiB (a larger parameter gets a bucket of its own). > 0.
         compression: ``"none"``, ``"fp16"``, ``"bf16"``, ``"int8"`` or ``"sign"``.
         error_feedback: carry the compression error into the next step (ignored without compression).
         priority: send the buckets the next forward needs first, first (see the module doc).
@@ -215,15 +214,13 @@ class DataParallel(nn.Module):
         cur: list[nn.Parameter] = []
         cur_group, size = -1, 0
         for p, g in params:
-            if cur and (g != cur_group or p.dtype != cur[0].dtype or p.device != cur[0].device):
+            if cur and (size + p.numel() * p.element_size() > self.bucket_bytes or g != cur_group
+                        or p.dtype != cur[0].dtype or p.device != cur[0].device):
                 self._add_bucket(cur, cur_group)
                 cur, size = [], 0
             cur.append(p)
             cur_group = g
             size += p.numel() * p.element_size()
-            if size >= self.bucket_bytes:  # closed once it holds bucket_mb (torch DDP's rule: same buckets)
-                self._add_bucket(cur, cur_group)
-                cur, size = [], 0
         if cur:
             self._add_bucket(cur, cur_group)
 
