@@ -34,10 +34,10 @@ How the exchange is organised:
   index). To agree on that choice without a coordinator, the ranks all-reduce (MIN) their count of ready
   buckets before each pick: backward readies buckets in the same order everywhere, so the minimum is a prefix
   that every rank holds; the negotiation of the next pick travels together with the exchange of the current
-  one. What it buys: the first layers' gradients are complete sooner (``StepStats.first_done_s``), which an
-  update that starts per layer, or the all-gather of the distributed update, can use. What it costs: one tiny
-  all-reduce per bucket, and one bucket on the link at a time. The benchmark ``leantrain bench distributed``
-  measures both.
+  one, and the last bucket (no choice left) goes without one. What it buys: the first layers' gradients are
+  complete sooner (``StepStats.first_done_s``), which an update that starts per layer, or the all-gather of the
+  distributed update, can use. What it costs: one tiny all-reduce per bucket, and one bucket on the link at a
+  time. The benchmark ``leantrain bench distributed`` measures both.
 - **Compression** (``none``, ``fp16``, ``bf16``, ``int8``, ``sign``; see :mod:`.compression`). A compressed
   bucket is exchanged in two phases that keep the ring's bandwidth cost ``2(P-1)/P`` of the payload: each rank
   splits its bucket into ``P`` chunks, compresses them and sends chunk ``j`` to rank ``j`` (all-to-all);
@@ -374,8 +374,15 @@ class DataParallel(nn.Module):
         # One round: the negotiation of the next pick goes over the link together with the exchange of this one
         # (picked from the previous negotiation), so that no round trip leaves the link idle. Every rank runs
         # the same rounds: what a round does depends only on the agreed state, which all ranks share.
-        neg = None
-        if self._agreed < len(self.buckets):
+        n, neg = len(self.buckets), None
+        if self._agreed == n - 1 and not self._heap:
+            # One bucket left and nothing queued: there is no choice to agree on. Every rank knows which bucket it
+            # is (the one outside the agreed prefix) and sends it as soon as it is ready here (this round runs
+            # because it is): the end of backward does not wait for a negotiation round trip.
+            with self._cv:
+                self._heap = [self._ready_order[self._agreed]]
+            self._agreed = n
+        elif self._agreed < n - 1:
             with self._cv:
                 local = len(self._ready_order)
             self._negotiation.fill_(local)
