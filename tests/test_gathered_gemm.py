@@ -175,3 +175,15 @@ def test_native_stochastic_rounding_equals_the_torch_path(monkeypatch: pytest.Mo
         assert torch.equal(native.view(torch.int16 if dtype != torch.float32 else torch.int32),
                            ref.view(torch.int16 if dtype != torch.float32 else torch.int32))
         assert not torch.equal(native[12:], torch.round(xs[12:]))  # it really rounded stochastically
+
+
+@needs_native
+def test_an_unusable_cache_directory_falls_back_to_a_temporary_one(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")  # a cache path below a file cannot be created, even by root
+    monkeypatch.setattr(native_mod, "_lib", None)
+    monkeypatch.setattr(native_mod, "_lib_error", None)
+    monkeypatch.setenv("LEANTRAIN_KERNEL_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(native_mod.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native_available()
+    assert any(p.suffix == ".so" for p in (tmp_path / "tmp").rglob("*"))

@@ -2,7 +2,8 @@
 
 Build: the system C compiler (``$CC``, default ``cc``) with ``-O3 -march=native`` and without ``-ffast-math`` (the
 kernels' float32 arithmetic must not be reassociated), with OpenMP when it works. The library goes to
-``$LEANTRAIN_KERNEL_CACHE`` (else ``$XDG_CACHE_HOME/leantrain`` or ``~/.cache/leantrain``), named by a hash of the
+``$LEANTRAIN_KERNEL_CACHE`` (else ``$XDG_CACHE_HOME/leantrain`` or ``~/.cache/leantrain``; a per-user temporary
+directory where that is not writable), named by a hash of the
 source, the flags and the CPU, written to a temporary file and renamed (a concurrent or interrupted build never
 leaves a partial library). With OpenMP it links ``libgomp.so.1``: a torch that ships its own libgomp has it loaded
 already under that name, so the kernels run on torch's own thread pool (no second pool spinning against it).
@@ -59,6 +60,14 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return os.access(directory, os.W_OK)
+    except OSError:
+        return False
+
+
 def _build(cc: str, flags: list[str], lib_path: Path) -> None:
     """Compile the kernel to ``lib_path`` through a temporary file and a rename (atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=".leantrain-native-", suffix=".so", dir=lib_path.parent)
@@ -78,7 +87,9 @@ def _compile() -> ctypes.CDLL:
     src = _SOURCE.read_bytes()
     cc = os.environ.get("CC", "cc")
     out_dir = _cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not _writable(out_dir):  # e.g. a read-only home: a per-user temporary directory instead
+        out_dir = Path(tempfile.gettempdir()) / f"leantrain-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        out_dir.mkdir(parents=True, exist_ok=True)
     errors = []
     for extra in (["-fopenmp"], []):
         flags = [*_FLAGS, *extra]
