@@ -161,10 +161,10 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
         name = "lt_gathered_gemm_n8" if n_ <= 8 else "lt_gathered_gemm_n16"
         dt, extra = torch.float64, (float(lo), float(hi), float(2**acc_bits))
     vb = GEMM_BLOCKS[name][1]
+    vn = -(-n_ // vb) * vb  # columns rounded up to whole vector blocks
     s64 = s.to(dt).contiguous()
     s_batch = s64.shape[1] if s64.shape[0] > 1 else 0
     if vrow is None:  # a (T, N) matrix: rows padded to whole vector blocks with zeros
-        vn = -(-n_ // vb) * vb
         v64 = torch.zeros(t_, vn, dtype=dt)
         v64[:, :n_] = v
         vrow_c = torch.arange(t_, dtype=torch.int64) * vn
@@ -174,7 +174,6 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
         v64[:, :v.shape[1]] = v
         vrow_c = vrow.contiguous()
         v_batch = v64.shape[1] if v64.shape[0] > 1 else 0
-    vn = -(-n_ // vb) * vb
     srow_c, scol_c = srow.contiguous(), scol.contiguous()
     if into is None:
         out = torch.empty(shape, dtype=torch.float32)

@@ -214,17 +214,20 @@ class _Conv(Function):
         return dx, dw, db, None, None
 
 
+def _steps(m: int, step: int, device: torch.device) -> torch.Tensor:
+    """``[0, step, 2 step, ..., (m - 1) step]`` as int64 offsets."""
+    return torch.arange(m, dtype=torch.int64, device=device) * step
+
+
 def _tap_offsets(c: int, kh: int, kw: int, hp: int, wp: int, dil: Any, device: torch.device) -> torch.Tensor:
     """Offsets of the reduction index ``k = (c, i, j)`` (im2col's row order) in a padded (C, Hp, Wp) input."""
-    ar = lambda m: torch.arange(m, dtype=torch.int64, device=device)  # noqa: E731
-    return ((ar(c) * (hp * wp))[:, None, None] + (ar(kh) * (dil[0] * wp))[None, :, None]
-            + (ar(kw) * dil[1])[None, None, :]).reshape(-1)
+    return (_steps(c, hp * wp, device)[:, None, None] + _steps(kh, dil[0] * wp, device)[None, :, None]
+            + _steps(kw, dil[1], device)[None, None, :]).reshape(-1)
 
 
 def _position_offsets(ho: int, wo: int, wp: int, stride: Any, device: torch.device) -> torch.Tensor:
     """Offsets of the output positions ``p = (oh, ow)`` (im2col's column order) in a padded input plane."""
-    ar = lambda m: torch.arange(m, dtype=torch.int64, device=device)  # noqa: E731
-    return ((ar(ho) * (stride[0] * wp))[:, None] + (ar(wo) * stride[1])[None, :]).reshape(-1)
+    return (_steps(ho, stride[0] * wp, device)[:, None] + _steps(wo, stride[1], device)[None, :]).reshape(-1)
 
 
 def _dfp_conv_forward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp: int, geo: ConvGeometry,
@@ -232,10 +235,11 @@ def _dfp_conv_forward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp:
     stride, pad, dil, opad = _geom2d(geo)
     x2, w2 = _as2d(xm), _as2d(wm)
     n, (kh, kw) = x2.shape[0], w2.shape[-2:]
-    if not geo.transposed and L.wraps_exactly():
-        # im2col never built: the GEMM gathers the padded input through offset tables (gathered_int_gemm)
+    if not geo.transposed:
         ho = (x2.shape[2] + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
         wo = (x2.shape[3] + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    if not geo.transposed and L.wraps_exactly():
+        # im2col never built: the GEMM gathers the padded input through offset tables (gathered_int_gemm)
         xp = F.pad(x2, (pad[1], pad[1], pad[0], pad[0]))
         hp, wp = xp.shape[2:]
         y = L.gathered_gemm(xp.reshape(n, -1), _position_offsets(ho, wo, wp, stride, xm.device),
@@ -247,8 +251,6 @@ def _dfp_conv_forward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp:
         # rows (N*L, C*k) handed over transposed: (C*k, N, L) is A^T in row-major order, no transposing copy
         out = L.int_gemm(cols.transpose(0, 1), w2.reshape(w2.shape[0], -1).t(), exp, "forward",
                          transposed=True)                                             # (N*L, O)
-        ho = (x2.shape[2] + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (x2.shape[3] + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
         y = out.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo)
     else:
         cin = x2.shape[1]
@@ -269,31 +271,29 @@ def _dfp_conv_backward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp
     dx = dw = None
     if not geo.transposed and L.wraps_exactly():
         o, c = w2.shape[:2]
-        ho, wo = _as2d((gd or gw)[0]).shape[-2:]
+        (h, w_), (ho, wo) = x2.shape[2:], _as2d((gd or gw)[0]).shape[-2:]
         lo = ho * wo
-        xp = F.pad(x2, (pad[1], pad[1], pad[0], pad[0]))
-        hp, wp = xp.shape[2:]
+        hp, wp = h + 2 * pad[0], w_ + 2 * pad[1]
         taps = _tap_offsets(c, kh, kw, hp, wp, dil, xm.device)
+        pos = _position_offsets(ho, wo, wp, stride, xm.device)
         if gd is not None:
             gm, ge = gd
             # cols[b, k, p] = sum_o W[o, k] dY[b, o, p]: the integer registers reduce over output channels (W is the
             # gathered operand, dY's rows the vector one). The col2im is fused: each (k, p) is added to the padded
             # input gradient at taps[k] + pos[p], rows k in increasing order, F.fold's float32 order.
             kk = w2[0].numel()
-            ar = lambda m: torch.arange(m, dtype=torch.int64, device=xm.device)  # noqa: E731
-            dxp = torch.zeros(n, x2.shape[1] * hp * wp, dtype=torch.float32, device=xm.device)
-            L.gathered_gemm(w2.reshape(1, -1), ar(kk), ar(o) * kk, gm.reshape(n, o * lo), ge + we, "backward_data",
-                            vrow=ar(o) * lo, n=lo, into=(dxp, taps, _position_offsets(ho, wo, wp, stride, xm.device)),
+            dxp = torch.zeros(n, c * hp * wp, dtype=torch.float32, device=xm.device)
+            L.gathered_gemm(w2.reshape(1, -1), _steps(kk, 1, xm.device), _steps(o, kk, xm.device), gm.reshape(n, o * lo),
+                            ge + we, "backward_data", vrow=_steps(o, lo, xm.device), n=lo, into=(dxp, taps, pos),
                             accumulate=True)
-            h, w_ = x2.shape[2:]
             # contiguous, like the FP32 convolution's gradient: downstream FP32 kernels (batch norm) sum in an order
             # that depends on the memory layout
-            dx = dxp.view(n, -1, hp, wp)[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w_].contiguous()
+            dx = dxp.view(n, c, hp, wp)[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w_].contiguous()
         if gw is not None:
             gm, ge = gw
-            pos = _position_offsets(ho, wo, wp, stride, xm.device)
+            xp = F.pad(x2, (pad[1], pad[1], pad[0], pad[0]))
             # reduction over (image, position) in that order; A[k, (b, p)] = Xpad[b] at taps[k] + pos[p]
-            q = (torch.arange(n, device=xm.device) * xp[0].numel())[:, None] + pos[None, :]
+            q = _steps(n, c * hp * wp, xm.device)[:, None] + pos[None, :]
             dw = L.gathered_gemm(xp.reshape(1, -1), taps, q.reshape(-1),
                                  gm.reshape(n, o, lo).transpose(1, 2).reshape(n * lo, o), ge + xe,
                                  "backward_weight", transpose_out=True).reshape(w2.shape)

@@ -122,6 +122,10 @@ class LayerNumerics:
             self.recorder.observe(self.name, tensor, t, q, max_value=top, min_normal=None, exponent=exp)  # type: ignore[union-attr]
         return mf, exp
 
+    def _operand_bits(self) -> int:
+        """The widest DFP mantissa (sign included) of the policy's GEMM inputs."""
+        return max(s.bits for g in self.policy.gemms().values() for s in (g.a, g.b) if isinstance(s, DFPSpec))
+
     def wraps_exactly(self) -> bool:
         """Whether the integer GEMMs take the exact-chunk-sum path: a wrapping accumulator and operands of at most
         16 bits (DFP16 mantissas, |m| < 2^15), so that only the exact chunk sums matter (module doc of
@@ -129,7 +133,7 @@ class LayerNumerics:
         acc = self.policy.accumulator
         if not isinstance(acc, IntAccumulator) or acc.overflow != "wrap" or acc.bits > 62:
             return False
-        return max(s.bits for g in self.policy.gemms().values() for s in (g.a, g.b) if isinstance(s, DFPSpec)) <= 16
+        return self._operand_bits() <= 16
 
     def gathered_gemm(self, s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v: torch.Tensor, scale_exp: int,
                       gemm: str, *, vrow: torch.Tensor | None = None, n: int | None = None,
@@ -181,9 +185,8 @@ class LayerNumerics:
             return torch.full((m, n), float("nan"), dtype=torch.float32, device=a.device)
         # events=False: with wrap-around only the exact chunk sums matter (fast exact path of int_matmul);
         # the stats then count registers whose sum left the accumulator range (wrong results).
-        wide = max(s.bits for g in self.policy.gemms().values() for s in (g.a, g.b) if isinstance(s, DFPSpec))
         chunk = acc.chunk_for(gemm)
-        if acc.overflow == "wrap" and wide <= 16 and acc.bits <= 62 and 0 < k < 2**23:
+        if self.wraps_exactly() and 0 < k < 2**23:
             # int_matmul's fast wrap path itself, without the integer casts: DFP16 mantissas are integers with
             # |m| < 2^15, so K |a| |b| < 2^53 (its exactness condition) holds for K < 2^23.
             out, bad, _, nch = _wrap_chunk_sums_t(a if transposed else a.t(), b, chunk or k, acc.bits, chunk is None,
@@ -195,7 +198,7 @@ class LayerNumerics:
             a = a.reshape(k, m).t()
         if b_transposed:
             b = b.reshape(n, k).t()
-        dt = torch.int16 if wide <= 16 else torch.int32
+        dt = torch.int16 if self._operand_bits() <= 16 else torch.int32
         out, stats = int_matmul(a.to(dt), b.to(dt), acc_bits=acc.bits, chunk=chunk,
                                 overflow=acc.overflow, events=False)
         if self.recording():
