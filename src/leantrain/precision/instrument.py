@@ -40,6 +40,19 @@ COUNTS = ("numel", "nonzero", "underflow", "subnormal", "overflow", "saturate", 
 _ACC = ("acc_sums", "acc_overflows")
 
 
+def _with_fractions(tot: dict[str, float]) -> dict[str, float]:
+    """Summed counts plus their fractions: underflow over nonzero values, overflow/saturate/subnormal over all
+    values, wrapped accumulator registers over registers."""
+    row = dict(tot)
+    if "numel" in tot:
+        row["underflow_frac"] = tot["underflow"] / max(tot["nonzero"], 1)
+        for k in ("overflow", "saturate", "subnormal"):
+            row[f"{k}_frac"] = tot[k] / max(tot["numel"], 1)
+    if "acc_sums" in tot:
+        row["acc_overflow_frac"] = tot["acc_overflows"] / max(tot["acc_sums"], 1)
+    return row
+
+
 class Recorder:
     """Collects rounding statistics per step, layer and tensor (see the module docstring).
 
@@ -119,13 +132,7 @@ class Recorder:
         range of DFP exponents seen."""
         out = []
         for (layer, tensor), tot in self._totals.items():
-            row: dict[str, Any] = {"layer": layer, "tensor": tensor, **{k: tot[k] for k in tot}}
-            if "numel" in tot:
-                row["underflow_frac"] = tot["underflow"] / max(tot["nonzero"], 1)
-                for k in ("overflow", "saturate", "subnormal"):
-                    row[f"{k}_frac"] = tot[k] / max(tot["numel"], 1)
-            if "acc_sums" in tot:
-                row["acc_overflow_frac"] = tot["acc_overflows"] / max(tot["acc_sums"], 1)
+            row: dict[str, Any] = {"layer": layer, "tensor": tensor, **_with_fractions(tot)}
             ex = self._exponents.get((layer, tensor))
             if ex:
                 row["exponent_min"], row["exponent_max"] = min(ex), max(ex)
@@ -141,14 +148,7 @@ class Recorder:
                 agg[role][k] += v
         out: dict[str, dict[str, float]] = {}
         for role, tot in agg.items():
-            row = dict(tot)
-            if "numel" in tot:
-                row["underflow_frac"] = tot["underflow"] / max(tot["nonzero"], 1)
-                for k in ("overflow", "saturate", "subnormal"):
-                    row[f"{k}_frac"] = tot[k] / max(tot["numel"], 1)
-            if "acc_sums" in tot:
-                row["acc_overflow_frac"] = tot["acc_overflows"] / max(tot["acc_sums"], 1)
-            out[role] = row
+            out[role] = _with_fractions(tot)
         return out
 
     def state_dict(self) -> dict[str, Any]:
