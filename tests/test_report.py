@@ -149,10 +149,10 @@ def test_killed_report_write_leaves_previous_report(tmp_path):
 
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
-    live = tmp_path / f".x.json.{os.getppid()}.abc.tmp"
+    live = tmp_path / f".x.json.{os.getppid()}.abc_1234.tmp"
     live.write_text("in progress")
     dead_pid = 2**22 + 12345  # above the default pid_max: no such process
-    dead = tmp_path / f".x.json.{dead_pid}.abc.tmp"
+    dead = tmp_path / f".x.json.{dead_pid}.abc_1234.tmp"
     dead.write_text("left over")
     other = tmp_path / "notes.tmp"
     other.write_text("not ours")

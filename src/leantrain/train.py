@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from leantrain.storage import load_torch, save_torch
+from leantrain.storage import load_torch, remove_stale_temporaries, save_torch
 
 __all__ = ["Hooks", "History", "fit", "evaluate", "epoch_order", "batches", "accuracy_metric",
            "sequence_cross_entropy", "binary_cross_entropy", "loss_for_task"]
@@ -182,7 +182,10 @@ def evaluate(model: nn.Module, loss_fn: LossFn, dataset: Dataset, *, batch_size:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state as plain data (its key array as a tensor): checkpoints hold tensors and plain data only.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -190,7 +193,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -254,6 +258,8 @@ def fit(
     epoch, start_batch, step = 0, 0, 0
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     state = None
+    if ckpt_path is not None:
+        remove_stale_temporaries(ckpt_path.parent)  # a checkpoint write killed by SIGKILL left its temporary file
     if resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_torch(ckpt_path, map_location=device)
         missing = [k for k in ("model", "optimizer", "epoch", "batch", "step", "history", "rng") if k not in state]

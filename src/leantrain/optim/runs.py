@@ -361,7 +361,7 @@ def _dance_worker(rank: int, world: int, port: int, spec: dict[str, Any], kwargs
         problem = make_problem(**{**spec, "device": device})
         trace = run_dance(problem, **kwargs)
         if rank == 0:
-            save_torch(out, {"trace": trace})
+            save_torch(out, {"trace": asdict(trace)})  # plain data: checkpoints hold no classes
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -392,4 +392,4 @@ def run_dance_distributed(spec: dict[str, Any], nproc: int, *, timeout_s: float 
                     if p.is_alive():
                         p.terminate()
                 raise RuntimeError(f"distributed DANCE on {nproc} processes did not finish in {timeout_s:.0f} s")
-        return load_torch(out)["trace"]
+        return Trace(**load_torch(out)["trace"])
