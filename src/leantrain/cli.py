@@ -31,16 +31,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
+    from leantrain.commands import check_outputs
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_outputs(args)  # fail before working
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"leantrain {args.command}: error: {exc}", file=sys.stderr)
+        print(f"leantrain {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a permission refused, a path that changed under us
+        print(f"leantrain {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"leantrain {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line; an OSError reads "<reason>: <file>" (its errno text and the file it names)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        files = [f for f in (exc.filename, exc.filename2) if f]
+        text = exc.strerror + "".join(f": {f!r}" if i == 0 else f" -> {f!r}" for i, f in enumerate(files))
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -24,14 +24,26 @@ __all__ = ["read_records", "write_report", "render_markdown", "render_html", "re
 
 
 def read_records(out: str | Path) -> list[dict[str, Any]]:
-    """All readable ``metrics.json`` records under ``out``, sorted by experiment name."""
+    """All ``metrics.json`` records under ``out``, sorted by experiment name.
+
+    A file that cannot be read or parsed (our writes are atomic, so it was damaged or written by
+    something else) is not dropped: it becomes an ``"error"`` record naming the file and the
+    reason (``"unreadable": True``), so the report shows it as ERROR.
+    """
     out = Path(out)
     records = []
     for path in sorted(out.glob("*/metrics.json")):
         try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue  # never happens for our atomic writes; a foreign file is ignored
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError(f"holds a JSON {type(rec).__name__}, not an object")
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            rec = {"name": path.parent.name, "status": "error", "passed": False, "unreadable": True,
+                   "title": "unreadable results", "claims": [], "tables": [], "plots": [],
+                   "error": f"results file {str(path)!r} is unreadable: {reason}"}
+        rec.setdefault("name", path.parent.name)
+        records.append(rec)
     return records
 
 

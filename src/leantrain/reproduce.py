@@ -5,6 +5,10 @@ For each experiment, :func:`run_experiments` creates ``OUT/<name>/``, runs it, a
 rename), last of all. A record with ``"status": "complete"`` and the same profile and seed is what
 ``resume=True`` skips; an interrupted experiment has no record (or its previous one), never a
 partial one.
+
+One run at a time per output folder: :func:`run_experiments` holds an exclusive lock on
+``OUT/.leantrain.lock`` (see :func:`leantrain.storage.folder_lock`); a second run into the same
+``OUT`` is refused at once, naming the process that holds it, instead of repeating the work.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 from leantrain import __version__
 from leantrain.registry import Experiment, experiments, load_all
-from leantrain.storage import remove_stale_temporaries, write_json
+from leantrain.storage import folder_lock, remove_stale_temporaries, write_json
 
 __all__ = ["run_experiments", "is_complete"]
 
@@ -65,7 +69,7 @@ def run_one(exp: Experiment, profile: str, out: Path, seed: int, device: str) ->
             record.update(status="error", passed=False, error=f"experiment listed plots it did not write: {missing}",
                           wall_time_s=time.perf_counter() - t0, claims=[], tables=[], plots=[])
             record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-            write_json(exp_out / "metrics.json", record)
+            _write_record(exp_out / "metrics.json", record)
             return record
         record.update(
             status="complete", passed=result.passed, wall_time_s=time.perf_counter() - t0,
@@ -74,15 +78,21 @@ def run_one(exp: Experiment, profile: str, out: Path, seed: int, device: str) ->
             plots=list(result.plots), notes=result.notes, metrics=result.metrics,
         )
     record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    write_json(exp_out / "metrics.json", record)
+    _write_record(exp_out / "metrics.json", record)
     return record
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    try:
+        write_json(path, record)
+    except OSError as exc:  # say what was lost, in one line, instead of a traceback after the work
+        raise type(exc)(exc.errno, f"experiment {record['name']!r} ran (status {record['status']}) but its record "
+                                   f"cannot be written ({exc.strerror or exc})", str(path)) from exc
 
 
 def run_experiments(names: list[str] | None, profile: str, out: str | Path, *, seed: int = 0,
                     device: str = "cpu", resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """Run ``names`` (all registered when empty/None); returns the records (skipped ones re-read)."""
-    import json
-
     load_all()
     registry = experiments()
     names = list(names) if names else sorted(registry)
@@ -91,6 +101,14 @@ def run_experiments(names: list[str] | None, profile: str, out: str | Path, *, s
         raise ValueError(f"unknown experiment(s) {unknown}; registered: {sorted(registry)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "leantrain reproduce"):
+        return _run_all(names, registry, profile, out, seed, device, resume, progress)
+
+
+def _run_all(names: list[str], registry: dict[str, Experiment], profile: str, out: Path, seed: int, device: str,
+             resume: bool, progress: bool) -> list[dict[str, Any]]:
+    import json
+
     records = []
     it = names
     if progress:

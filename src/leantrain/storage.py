@@ -17,6 +17,8 @@ and plain data only, followed by a SHA-256 trailer; :func:`load_torch` verifies 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -25,13 +27,14 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["write_bytes", "write_text", "write_json", "save_torch", "load_torch", "to_jsonable",
-           "remove_stale_temporaries", "CHECKSUM_MAGIC"]
+           "remove_stale_temporaries", "CHECKSUM_MAGIC", "folder_lock"]
 
 
 def _file_mode(path: Path) -> int:
@@ -62,11 +65,14 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename != str(path):
+            # a full disk fails in write/fsync with no file name: name the destination
+            raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
 
@@ -111,6 +117,38 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         except FileNotFoundError:
             pass
     return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder/.leantrain.lock`` while the block runs; refuse if another holds it.
+
+    ``fcntl.flock`` on POSIX: the kernel releases the lock when its holder exits, however it dies
+    (SIGKILL included), so a lock is never stale. A second holder gets ``BlockingIOError`` at once
+    (not a wait), naming ``what`` holds it (the lock file records the holder's pid). Where
+    ``fcntl`` does not exist (Windows) the block runs unlocked.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".leantrain.lock"
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode(path))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            raise BlockingIOError(errno.EWOULDBLOCK, f"another {what} (pid {holder}) is writing into this folder; "
+                                  "wait for it to finish or choose another output folder", str(folder)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

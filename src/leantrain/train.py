@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from leantrain.storage import load_torch, remove_stale_temporaries, save_torch
 
-__all__ = ["Hooks", "History", "fit", "evaluate", "epoch_order", "batches", "accuracy_metric",
+__all__ = ["Hooks", "History", "CheckpointWriteError", "fit", "evaluate", "epoch_order", "batches", "accuracy_metric",
            "sequence_cross_entropy", "binary_cross_entropy", "loss_for_task"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,6 +68,18 @@ class Hooks:
 
     def writes_checkpoint(self) -> bool:
         return True
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (full disk, permission, ...); ``history`` holds the run's metrics so far.
+
+    An ``OSError`` with the original errno, reason and the checkpoint's path, so callers that
+    catch ``OSError`` keep working; the history lets them save the run's metrics elsewhere.
+    """
+
+    def __init__(self, cause: OSError, path: Path, history: History) -> None:
+        super().__init__(cause.errno, f"cannot write checkpoint ({cause.strerror or cause})", str(path))
+        self.history = history
 
 
 @dataclass
@@ -224,6 +236,7 @@ def fit(
     step_callback: Callable[[int, float], None] | None = None,
     model_spec: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    resume_overrides: dict[str, Any] | None = None,
 ) -> History:
     """Train ``model`` for ``epochs`` epochs (or ``max_steps`` optimizer steps, if reached first).
 
@@ -235,6 +248,10 @@ def fit(
     picklable dict, e.g. the data set's name) is stored beside it, see
     :func:`leantrain.models.checkpoint_extra`. ``checkpoint_every=N`` saves atomically every N
     steps; ``resume=True`` continues from ``checkpoint`` if it exists (bit-identically, see the module docstring).
+    Resuming restores the optimizer's hyperparameters from the checkpoint; ``resume_overrides``
+    (e.g. ``{"lr": 0.01}``) then replaces those param-group entries, a deliberate change of course.
+    A checkpoint of another model or optimizer class is a ValueError naming the file. A failed
+    checkpoint write raises :class:`CheckpointWriteError`, which carries the history so far.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -253,6 +270,7 @@ def fit(
     if per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} > {n} samples with drop_last=True leaves no batch")
     hooks = hooks or Hooks()
+    opt_class = type(optimizer).__name__  # before the hooks wrap it
     model.to(device)
     history = History()
     epoch, start_batch, step = 0, 0, 0
@@ -268,7 +286,15 @@ def fit(
         if state.get("batch_size", batch_size) != batch_size or state.get("n_train", n) != n:
             raise ValueError(f"checkpoint {str(ckpt_path)!r} was written with batch_size={state.get('batch_size')} on "
                              f"{state.get('n_train')} samples; resuming needs the same (got {batch_size}, {n})")
-        model.load_state_dict(state["model"])
+        saved_opt = state.get("optimizer_class")
+        if saved_opt is not None and saved_opt != opt_class:
+            raise ValueError(f"checkpoint {str(ckpt_path)!r} was written by a {saved_opt} optimizer; resuming it "
+                             f"with {opt_class} is not possible (its state does not carry over)")
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as exc:
+            raise ValueError(f"checkpoint {str(ckpt_path)!r} holds the weights of another model: "
+                             f"{' '.join(str(exc).split())[:300]}") from exc
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         hooks.load_state_dict(state.get("hooks", {}))
@@ -283,7 +309,13 @@ def fit(
     base_model = model
     model, optimizer = hooks.wrap(model, optimizer)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"checkpoint {str(ckpt_path)!r}: its optimizer state does not fit this optimizer "
+                             f"({' '.join(str(exc).split())[:300]})") from exc
+        for group in optimizer.param_groups:
+            group.update(resume_overrides or {})
         _set_rng_state(state["rng"])  # last, so that nothing above consumes random numbers after it
 
     def save(ep: int, b: int) -> None:
@@ -296,10 +328,13 @@ def fit(
             "hooks": hooks.state_dict(), "epoch": ep, "batch": b, "step": step,
             "history": {"evals": history.evals, "step_loss": history.step_loss,
                         "skipped_steps": history.skipped_steps},
-            "rng": _rng_state(), "model_spec": model_spec,
+            "rng": _rng_state(), "model_spec": model_spec, "optimizer_class": opt_class,
         }
         if hooks.writes_checkpoint():
-            save_torch(ckpt_path, record)
+            try:
+                save_torch(ckpt_path, record)
+            except OSError as exc:
+                raise CheckpointWriteError(exc, ckpt_path, history) from exc
 
     bar = None
     if progress:

@@ -2,29 +2,80 @@
 
 A module here defines ``register(subparsers) -> None`` that adds its subparser (with
 :func:`add_common` for the shared options) and sets ``func=handler`` via ``set_defaults``. The
-handler takes the parsed ``argparse.Namespace`` and returns an exit code. Library errors
-(ValueError/TypeError) are reported by the CLI as one clear line and exit status 2.
+handler takes the parsed ``argparse.Namespace`` and returns an exit code.
+
+Errors become one line on stderr, never a traceback: usage errors (``ValueError``, ``TypeError``,
+:class:`leantrain.validation.UsageError`, a missing input file) exit 2; other operating-system
+errors (a full disk, a permission refused) exit 1. Options that name where a command writes are
+declared with :func:`declare_outputs`; the CLI checks them (:func:`check_output`) before the
+command starts, so a bad location fails before any work is done.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from leantrain.storage import to_jsonable
+from leantrain.validation import SEED_MAX, UsageError, int_arg
 
-__all__ = ["add_common", "emit", "resolve_device"]
+__all__ = ["add_common", "emit", "resolve_device", "declare_outputs", "check_output", "check_outputs"]
 
 
 def add_common(parser: argparse.ArgumentParser, *, out: str | None = "results") -> None:
     """Add ``--seed``, ``--device``, ``--json`` and (unless ``out`` is None) ``--out``."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int_arg(0, SEED_MAX), default=0, help="random seed (default 0)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to compute (default cpu)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     if out is not None:
         parser.add_argument("--out", default=out, help=f"output directory (default {out})")
+        declare_outputs(parser, out="dir")
+
+
+def declare_outputs(parser: argparse.ArgumentParser, **kinds: str) -> None:
+    """Declare options naming where the command writes: ``dest="dir"`` or ``dest="file"``.
+
+    :func:`check_outputs` (called by the CLI before the command runs) checks each given one.
+    """
+    declared = dict(parser.get_default("outputs") or {})
+    declared.update(kinds)
+    parser.set_defaults(outputs=declared)
+
+
+def check_output(path: str | os.PathLike, option: str, kind: str = "dir") -> Path:
+    """Check, without creating anything, that ``path`` can be written as a ``kind`` ("dir"/"file").
+
+    Refused with :class:`UsageError` naming ``option``: a directory path that is a file, a file
+    path that is a directory, a path under a file, or a nearest existing folder this user may not
+    write into.
+    """
+    p = Path(path).expanduser()
+    if p.exists():
+        if kind == "dir" and not p.is_dir():
+            raise UsageError(f"{option} {str(path)!r} is a file, not a directory")
+        if kind == "file" and p.is_dir():
+            raise UsageError(f"{option} {str(path)!r} is a directory, not a file")
+    folder = p if kind == "dir" else p.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {str(path)!r} cannot be written: no write permission in {str(existing)!r}")
+    return p
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """:func:`check_output` every output option declared with :func:`declare_outputs` and given a value."""
+    for dest, kind in (getattr(args, "outputs", None) or {}).items():
+        value = getattr(args, dest, None)
+        if value:
+            check_output(value, "--" + dest.replace("_", "-"), kind)
 
 
 def resolve_device(name: str) -> str:

@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from leantrain.commands import add_common, emit, resolve_device
-from leantrain.commands.train import _key_value, _positive_float, _positive_int
+from leantrain.commands import add_common, declare_outputs, emit, resolve_device
+from leantrain.commands.train import _key_value
+from leantrain.validation import UsageError, float_arg, int_arg
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="data set name (see `leantrain data list`; default: the one stored in the checkpoint)")
     p.add_argument("--data-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="keyword for the data set loader (repeatable; default: the checkpoint's)")
-    p.add_argument("--batch-size", type=_positive_int, default=1024, help="evaluation batch size (default 1024)")
+    p.add_argument("--batch-size", type=int_arg(1), default=1024, help="evaluation batch size (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,12 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: leantrain sharpness results/train/checkpoint.pt --dataset digits --subspace 100 --json")
     p.add_argument("checkpoint", help="checkpoint written by `leantrain train` / fit(..., model_spec=...)")
     _add_data_arguments(p)
-    p.add_argument("--epsilon", type=_positive_float, action="append", default=None, metavar="EPS",
+    p.add_argument("--epsilon", type=float_arg(0, low_open=True), action="append", default=None, metavar="EPS",
                    help="box scale eps > 0 (repeatable; default 1e-3 and 5e-4, the paper's two values)")
-    p.add_argument("--subspace", type=int, default=None, metavar="P",
+    p.add_argument("--subspace", type=int_arg(1), default=None, metavar="P",
                    help="random P-dimensional subspace (the paper: 100) instead of the full space")
-    p.add_argument("--iters", type=int, default=10, help="L-BFGS-B iterations (default 10, as the paper)")
-    p.add_argument("--eigenvalues", type=int, default=0, metavar="K",
+    p.add_argument("--iters", type=int_arg(1), default=10, help="L-BFGS-B iterations (default 10, as the paper)")
+    p.add_argument("--eigenvalues", type=int_arg(0), default=0, metavar="K",
                    help="also compute the K largest Hessian eigenvalues (Lanczos; default 0 = no)")
     p.add_argument("--trace", action="store_true", help="also estimate the Hessian trace (Hutchinson, 5%% at 95%%)")
     add_common(p, out=None)
@@ -54,16 +55,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("checkpoint_a", help="checkpoint A (alpha = 0)")
     q.add_argument("checkpoint_b", help="checkpoint B (alpha = 1); same architecture as A")
     _add_data_arguments(q)
-    q.add_argument("--alpha-min", type=float, default=-1.0, help="first alpha (default -1)")
-    q.add_argument("--alpha-max", type=float, default=2.0, help="last alpha (default 2)")
-    q.add_argument("--points", type=int, default=25, help="number of alphas (default 25, as the paper's code)")
+    q.add_argument("--alpha-min", type=float_arg(), default=-1.0, help="first alpha (default -1)")
+    q.add_argument("--alpha-max", type=float_arg(), default=2.0, help="last alpha (default 2)")
+    q.add_argument("--points", type=int_arg(2), default=25, help="number of alphas (default 25, as the paper's code)")
     add_common(q, out=None)
     q.add_argument("--out", default="interpolation.png", help="PNG path (default interpolation.png); data: same name .json")
+    declare_outputs(q, out="file")
     q.set_defaults(func=run_interpolate)
 
 
 def load_checkpoint_and_data(path: str, args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     """The model of checkpoint ``path``, its data split, the task loss and the data set name."""
+    import torch
+
     from leantrain.data import load_dataset
     from leantrain.models import checkpoint_extra, load_model
     from leantrain.train import loss_for_task
@@ -80,7 +84,18 @@ def load_checkpoint_and_data(path: str, args: argparse.Namespace) -> tuple[Any, 
         data_args = dict(extra.get("data_args") or {}) if name == extra.get("dataset") else {}
     data = load_dataset(name, **data_args)
     model = load_model(path, map_location=args.device)
-    return model, data, loss_for_task(data.info.task), name
+    loss_fn = loss_for_task(data.info.task)
+    x, y = data.train[:2][:2]
+    was_training = model.training
+    try:  # one small batch: a model that cannot consume this data set fails here, not deep inside a diagnostic
+        with torch.no_grad():
+            loss_fn(model.eval()(x.to(args.device)), y.to(args.device))
+        model.train(was_training)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise UsageError(f"the model of checkpoint {path!r} does not fit data set {name!r} (inputs "
+                         f"{tuple(x.shape[1:])}, task {data.info.task!r}): {' '.join(str(exc).split())[:200]}; "
+                         "pass the --dataset it was trained on") from exc
+    return model, data, loss_fn, name
 
 
 def run_sharpness(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from leantrain.commands import add_common, emit, resolve_device
+from leantrain.commands import add_common, declare_outputs, emit, resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
     add_common(p, out=None)
     p.add_argument("--out", default="qmodel.lt", help="packed output file (default qmodel.lt)")
+    declare_outputs(p, out="file")
     p.set_defaults(func=run)
 
 

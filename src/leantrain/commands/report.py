@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from leantrain.commands import emit
+from leantrain.commands import declare_outputs, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="results", help="results directory (default results)")
     p.add_argument("--readme", default=None, metavar="PATH", help="README.md whose generated blocks to rewrite")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    declare_outputs(p, out="dir", readme="file")
     p.set_defaults(func=run)
 
 
@@ -31,7 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if args.readme:
         data["readme"] = str(update_readme(args.readme, out))
     text = f"report: {ht} and {md} ({data['experiments']} experiments)"
+    unreadable = [r["error"] for r in read_records(out) if r.get("unreadable")]
+    data["unreadable"] = unreadable
     if args.readme:
         text += f"\nREADME claims table rewritten: {data['readme']}"
     emit(args, data, text)
-    return 0
+    for e in unreadable:  # shown as ERROR in the report; exit 1 so that a script notices
+        print(f"leantrain report: warning: {e}", file=sys.stderr)
+    return 1 if unreadable else 0

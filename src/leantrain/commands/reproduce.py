@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from leantrain.commands import add_common, emit, resolve_device
+from leantrain.commands import add_common, declare_outputs, emit, resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--readme", default=None, metavar="PATH",
                    help="also rewrite the claims table of this README (see `leantrain report`)")
     add_common(p, out="results")
+    declare_outputs(p, readme="file")
     p.set_defaults(func=run)
 
 

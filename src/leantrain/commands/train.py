@@ -16,13 +16,15 @@ rebuilds the model and :func:`leantrain.models.checkpoint_extra` names its data.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leantrain.commands import add_common, emit, resolve_device
+from leantrain.commands import add_common, declare_outputs, emit, resolve_device
+from leantrain.validation import UsageError, float_arg, int_arg
 
 #: Models that ``leantrain train`` cannot train with a supervised loss.
 UNSUPERVISED = {"dcgan_generator": "a GAN loop", "dcgan_discriminator": "a GAN loop"}
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_arguments(p)
     add_distributed_arguments(p)
     add_common(p, out="results/train")
+    declare_outputs(p, checkpoint="file", trace="file")
     p.set_defaults(func=run)
 
 
@@ -61,17 +64,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="keyword for the data set loader, e.g. root=DIR or train=FILE (repeatable)")
     p.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="keyword for the model constructor, e.g. width=8 or hidden=[64,64] (repeatable)")
-    p.add_argument("--epochs", type=_positive_int, default=5, help="epochs (default 5)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size (default 64)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 0.05 for sgd, 1e-3 for adam)")
+    p.add_argument("--epochs", type=int_arg(1), default=5, help="epochs (default 5)")
+    p.add_argument("--batch-size", type=int_arg(1), default=64, help="mini-batch size (default 64)")
+    p.add_argument("--lr", type=float_arg(0, low_open=True), default=None,
+                   help="learning rate (default 0.05 for sgd, 1e-3 for adam)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer (default sgd)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
-    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--momentum", type=float_arg(0, 1, high_open=True), default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float_arg(0), default=0.0, help="L2 weight decay (default 0)")
+    p.add_argument("--max-steps", type=int_arg(1), default=None, help="stop after this many optimizer steps")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default OUT/checkpoint.pt)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=int_arg(0), default=0, metavar="N",
                    help="also checkpoint every N optimizer steps (default: at the end of each epoch)")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint if it exists; the options that define the run must match "
+                        "the checkpoint's (see --override)")
+    p.add_argument("--override", type=_option_names, default=(), metavar="NAME,...",
+                   help=f"with --resume: continue with these changed options ({', '.join(OVERRIDABLE)}); "
+                        "the change is recorded in the checkpoint and history")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from leantrain.precision import policy_names
 
@@ -85,7 +94,7 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("data parallel (start with torchrun; --batch-size is per process)")
     g.add_argument("--dp", action="store_true", help="average gradients over all processes (leantrain.distributed)")
-    g.add_argument("--bucket-mb", type=_positive_float, default=None, help="gradient bucket size in MiB (default 25)")
+    g.add_argument("--bucket-mb", type=float_arg(0, low_open=True), default=None, help="gradient bucket size in MiB (default 25)")
     g.add_argument("--compression", choices=COMPRESSIONS, default=None, help="gradient compression (default none)")
     g.add_argument("--no-error-feedback", action="store_true", help="drop the compression error instead of carrying it")
     g.add_argument("--no-priority", action="store_true", help="exchange buckets first-ready-first-sent")
@@ -93,7 +102,7 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-update", action="store_true",
                    help="reduce-scatter, update this rank's shard, all-gather parameters (ZeRO-1)")
     g.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome-trace timeline of every rank")
-    g.add_argument("--comm-timeout", type=_positive_float, default=300.0,
+    g.add_argument("--comm-timeout", type=float_arg(0, low_open=True), default=300.0,
                    help="seconds before a stuck collective raises an error naming rank and operation (default 300)")
 
 
@@ -109,24 +118,59 @@ def _data_parallel_hooks(args: argparse.Namespace, inner: Any) -> Any:
         seed=args.seed, trace=args.trace is not None)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+#: Options that define a run: ``--resume`` refuses a checkpoint written with other values.
+DEFINING = ("model", "model_arg", "dataset", "data_arg", "optimizer", "lr", "momentum", "weight_decay", "seed",
+            "batch_size", "precision", "dp", "compression", "no_error_feedback", "distributed_update")
+#: Defining options that ``--override`` may change on resume (the checkpoint's state does not depend on them).
+OVERRIDABLE = ("lr", "momentum", "weight_decay", "seed")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
+def _option_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip().lstrip("-").replace("-", "_") for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in OVERRIDABLE]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected names among {', '.join(OVERRIDABLE)}, got {text!r}")
+    return names
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The run-defining options (:data:`DEFINING`) whose values differ: ``{name: (checkpoint's, now)}``.
+
+    Options the checkpoint did not record (an older leantrain) are not compared.
+    """
+    norm = lambda v: [list(p) for p in v] if isinstance(v, (list, tuple)) else v  # JSON/pickle round trips
+    return {k: (saved[k], now.get(k)) for k in DEFINING if k in saved and norm(saved[k]) != norm(now.get(k))}
+
+
+def check_resume(ckpt: Path, options: dict[str, Any], override: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    """Compare this run's options with those ``ckpt`` was written with; returns the overridden differences.
+
+    Raises :class:`~leantrain.validation.UsageError` listing every difference not named in
+    ``override`` (and any ``override`` name that is not different).
+    """
+    from leantrain.models import checkpoint_extra
+
+    saved = checkpoint_extra(ckpt).get("train_options")
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: checkpoint {str(ckpt)!r} records no training options (not written by "
+                         "`leantrain train`); cannot check that it continues the same run")
+    diff = resume_differences(saved, options)
+    refused = {k: v for k, v in diff.items() if k not in override}
+    if refused:
+        listed = "; ".join(f"{_flag(k)} {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
+        can = [k for k in refused if k in OVERRIDABLE]
+        hint = f", or pass --override {','.join(can)} to continue with the new values" if can else ""
+        raise UsageError(f"--resume: checkpoint {str(ckpt)!r} was written with other options: {listed}; "
+                         f"rerun with the checkpoint's values{hint}")
+    unused = [k for k in override if k not in diff]
+    if unused:
+        raise UsageError(f"--override {','.join(unused)}: the checkpoint already has the same value "
+                         f"({', '.join(f'{_flag(k)} {options.get(k)!r}' for k in unused)}); nothing to override")
+    return diff
 
 
 @dataclass
@@ -172,31 +216,35 @@ def build_setup(args: argparse.Namespace) -> TrainSetup:
     from leantrain.train import loss_for_task
 
     if args.model in UNSUPERVISED:
-        raise ValueError(f"model {args.model!r} is trained by {UNSUPERVISED[args.model]}, not `leantrain train`")
+        raise UsageError(f"model {args.model!r} is trained by {UNSUPERVISED[args.model]}, not `leantrain train`")
+    if args.override and not args.resume:
+        raise UsageError("--override only applies with --resume")
     data_args = dict(args.data_arg)
     data = load_dataset(args.dataset, **data_args)
     kwargs = {**dataset_kwargs(args.model, data.info), **dict(args.model_arg)}
     torch.manual_seed(args.seed)  # model initialisation
     try:
         spec = model_spec(args.model, **kwargs)
-    except TypeError as exc:
-        raise ValueError(f"--model-arg does not fit model {args.model!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--model-arg does not fit model {args.model!r}: {exc}") from exc
     model = build(spec["name"], **spec["kwargs"])
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if args.weight_decay < 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3)
     if args.optimizer == "sgd":
-        lr = args.lr if args.lr is not None else 0.05
-        if not 0 <= args.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), got {args.momentum}")
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
-        lr = args.lr if args.lr is not None else 1e-3
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json") and not callable(v)}
+    skip = ("func", "command", "json", "outputs", "override")
+    options = {k: v for k, v in vars(args).items() if k not in skip and not callable(v)}
+    options["lr"] = lr  # the value in effect, so that a resumed run compares like with like
     extra = {"dataset": args.dataset, "data_args": data_args, "task": data.info.task, "train_options": options}
     return TrainSetup(model, opt, loss_for_task(data.info.task), make_hooks(args, model, opt), data, spec, extra)
+
+
+def _result(args: argparse.Namespace, setup: TrainSetup, ckpt: Path, history: Any) -> dict[str, Any]:
+    return {"model_spec": setup.spec, "dataset": args.dataset, "task": setup.data.info.task, "checkpoint": str(ckpt),
+            "steps": len(history.step_loss), "skipped_steps": history.skipped_steps, "evals": history.evals,
+            "final": history.evals[-1] if history.evals else {},
+            "resume_overrides": setup.extra.get("resume_overrides", [])}
 
 
 def _summary(row: dict[str, float], task: str) -> str:
@@ -210,9 +258,36 @@ def _summary(row: dict[str, float], task: str) -> str:
     return ", ".join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
+class _Diverged(Exception):
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+
+
+def _stop_on_nonfinite(step: int, loss: float) -> None:
+    if not math.isfinite(loss):
+        raise _Diverged(step, loss)
+
+
+def _write_history(out: Path, result: dict[str, Any]) -> tuple[Path | None, str]:
+    """Write ``result`` to ``OUT/history.json``, or, if that fails, to the temporary folder; says where."""
+    import os
+    import tempfile
+
     from leantrain.storage import write_json
-    from leantrain.train import fit
+
+    try:
+        return write_json(out / "history.json", result), ""
+    except OSError as exc:
+        first = f"{exc.strerror or exc}: {exc.filename or out / 'history.json'}"
+    fallback = Path(tempfile.gettempdir()) / f"leantrain-train-history-{os.getpid()}.json"
+    try:
+        return write_json(fallback, result), first
+    except OSError as exc:
+        return None, f"{first}; also {exc.strerror or exc}: {fallback}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from leantrain.train import CheckpointWriteError, History, fit
 
     device = resolve_device(args.device)
     setup = build_setup(args)
@@ -221,21 +296,53 @@ def run(args: argparse.Namespace) -> int:
     lead = distribution is None or distribution.rank == 0  # the process that reports and writes files
     out = Path(args.out)
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
+    overrides: dict[str, Any] = {}
+    if args.resume and ckpt.is_file():
+        changed = check_resume(ckpt, setup.extra["train_options"], tuple(args.override))
+        from leantrain.models import checkpoint_extra
+
+        previous = list(checkpoint_extra(ckpt).get("resume_overrides", []))
+        if changed:
+            previous.append({k: {"checkpoint": old, "now": new} for k, (old, new) in changed.items()})
+        setup.extra["resume_overrides"] = previous
+        overrides = {k: v for k, (_, v) in changed.items() if k in ("lr", "momentum", "weight_decay")}
+    elif args.override:
+        raise UsageError(f"--override: there is no checkpoint {str(ckpt)!r} to resume")
     task = setup.data.info.task
     fit_kwargs = {"metric": None} if task == "regression" else {}  # accuracy means nothing for regression
-    history = fit(setup.model, setup.optimizer, setup.loss_fn, setup.data.train, test=setup.data.test,
-                  epochs=args.epochs, batch_size=args.batch_size * parts, seed=args.seed, device=device,
-                  hooks=setup.hooks, checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                  max_steps=args.max_steps, eval_train=False, progress=lead and not args.no_progress,
-                  model_spec=setup.spec, extra=setup.extra, **fit_kwargs)
-    result = {"model_spec": setup.spec, "dataset": args.dataset, "task": task, "checkpoint": str(ckpt),
-              "steps": len(history.step_loss), "skipped_steps": history.skipped_steps, "evals": history.evals,
-              "final": history.evals[-1] if history.evals else {}}
+    diverged = None
+    try:
+        history = fit(setup.model, setup.optimizer, setup.loss_fn, setup.data.train, test=setup.data.test,
+                      epochs=args.epochs, batch_size=args.batch_size * parts, seed=args.seed, device=device,
+                      hooks=setup.hooks, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume, max_steps=args.max_steps, eval_train=False,
+                      progress=lead and not args.no_progress, model_spec=setup.spec, extra=setup.extra,
+                      resume_overrides=overrides or None,
+                      step_callback=None if args.precision != "fp32" else _stop_on_nonfinite, **fit_kwargs)
+    except CheckpointWriteError as exc:
+        if not lead:
+            raise
+        where, failed = _write_history(out, _result(args, setup, ckpt, exc.history))
+        saved = f"the history so far is in {where}" if where else f"the history could not be saved ({failed})"
+        raise OSError(exc.errno, f"{exc.strerror}; {saved}", exc.filename) from exc
+    except _Diverged as d:
+        diverged = d
+        history = History()
+    if diverged is not None:
+        lr = setup.extra["train_options"]["lr"]
+        raise UsageError(f"training diverged: the loss is {diverged.loss} at step {diverged.step} with --lr {lr} "
+                         f"and --weight-decay {args.weight_decay}; lower --lr (the last good checkpoint, if any, "
+                         f"is {str(ckpt)!r})")
+    result = _result(args, setup, ckpt, history)
     if distribution is not None:
         result["distributed"] = _distributed_report(args, setup.hooks, lead)
     if not lead:
         return 0
-    hist_path = write_json(out / "history.json", result)
+    hist_path, failed = _write_history(out, result)
+    if failed:
+        where = f"written to {hist_path} instead" if hist_path else "not saved"
+        raise OSError(errno.EIO, f"cannot write the history ({failed}); it was {where}; the checkpoint {ckpt} "
+                      "holds the trained model")
     text = "\n".join(_summary(r, task) for r in history.evals)
     if "distributed" in result:
         d = result["distributed"]

@@ -16,6 +16,7 @@ from leantrain.models.lenet import LeNet
 from leantrain.models.lstm import CharLSTM, LSTMLayer
 from leantrain.models.mlp import MLP
 from leantrain.models.resnet import ResNet, resnet20
+from leantrain.validation import UsageError, check_choice, check_int, check_range
 
 __all__ = ["MLP", "LeNet", "ResNet", "resnet20", "CharLSTM", "LSTMLayer", "Generator", "Discriminator", "DLRM",
            "build", "MODELS", "model_spec", "load_model", "checkpoint_extra", "dataset_kwargs"]
@@ -32,10 +33,30 @@ MODELS: dict[str, Any] = {
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
-    """Build a zoo model by name with keyword arguments of its constructor."""
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name](**kwargs)
+    """Build a zoo model by name with keyword arguments of its constructor.
+
+    Every integer argument of the zoo's constructors is a size (width, depth, classes, hidden
+    widths, cardinalities): each must be >= 1; ``dropout`` must lie in [0, 1). A value the
+    constructor still refuses is a ValueError naming the model and its arguments.
+    """
+    check_choice("model", name, sorted(MODELS))
+    for key, value in kwargs.items():
+        where = f"model {name!r} argument {key}"
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if key == "dropout":
+            check_range(where, value, 0.0, 1.0, high_open=True)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                check_int(f"{where}[{i}]", v, 1)
+        else:
+            check_int(where, value, 1)
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as exc:  # an unknown or missing keyword
+        raise TypeError(f"model {name!r} does not take {kwargs}: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"model {name!r} cannot be built with {kwargs}: {exc}") from exc
 
 
 def dataset_kwargs(name: str, info: Any) -> dict[str, Any]:
