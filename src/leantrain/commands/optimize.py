@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from leantrain.commands import add_common, emit, resolve_device
+from leantrain.validation import float_arg, int_arg
 
 METHODS = ("pbqn", "dance", "newton-cg", "sgd", "adam", "lbfgs")
 
@@ -24,16 +25,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a leantrain data set name (breast_cancer, digits, mnist1d, gmm, ...), 'synthlogreg' "
                         "(synthetic logistic data, n=100000), or a LIBSVM/svmlight file")
     p.add_argument("--l2", type=float, default=None, help="L2 coefficient on the weights, biases excluded (default 1/n)")
-    p.add_argument("--nproc", type=int, default=1, help="local processes for DANCE (gloo on CPU; default 1)")
-    p.add_argument("--max-passes", type=float, default=20.0, help="budget in effective passes over the data (default 20)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--nproc", type=int_arg(1), default=1, help="local processes for DANCE (gloo on CPU; default 1)")
+    p.add_argument("--max-passes", type=float_arg(0, low_open=True), default=20.0,
+                   help="budget in effective passes over the data (default 20)")
+    p.add_argument("--batch-size", type=int_arg(1), default=None,
                    help="PBQN initial sample size (default 64) or SGD/Adam batch size (default 32)")
-    p.add_argument("--lr", type=float, default=None, help="SGD step (default: tuned over 0.01, 0.1, 1) or Adam lr (1e-3)")
-    p.add_argument("--initial-samples", type=int, default=128, help="DANCE first-stage sample size m_0 (default 128)")
-    p.add_argument("--hidden", default="32,32", help="MLP hidden widths, comma-separated (default 32,32)")
-    p.add_argument("--max-train", type=int, default=None, help="use only the first N training samples")
+    p.add_argument("--lr", type=float_arg(0, low_open=True), default=None,
+                   help="SGD step (default: tuned over 0.01, 0.1, 1) or Adam lr (1e-3)")
+    p.add_argument("--initial-samples", type=int_arg(1), default=128, help="DANCE first-stage sample size m_0 (default 128)")
+    p.add_argument("--hidden", type=_widths, default=(32, 32), help="MLP hidden widths, comma-separated (default 32,32)")
+    p.add_argument("--max-train", type=int_arg(1), default=None, help="use only the first N training samples")
     add_common(p, out="results/optimize")
     p.set_defaults(func=run)
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """``--hidden``: comma-separated layer widths, each an integer >= 1."""
+    try:
+        widths = tuple(int(h) for h in text.split(",") if h.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return widths
 
 
 def _method_kwargs(args: argparse.Namespace) -> dict:
@@ -59,17 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from leantrain.storage import write_json
 
     device = resolve_device(args.device)
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.max_passes <= 0:
-        raise ValueError(f"--max-passes must be > 0, got {args.max_passes}")
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if (args.nproc > 1 or torchrun) and args.method != "dance":
         raise ValueError(f"--nproc > 1 / torchrun is for --method dance only, not {args.method!r}")
-    try:
-        hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-    except ValueError:
-        raise ValueError(f"--hidden must be comma-separated integers, got {args.hidden!r}") from None
+    hidden = args.hidden
     spec = {"problem": args.problem, "dataset": args.dataset, "l2": args.l2, "seed": args.seed, "hidden": hidden,
             "device": device, "max_train": args.max_train}
     problem = make_problem(**spec)

@@ -264,7 +264,16 @@ def libsvm_arrays(paths: list[str | os.PathLike], *, n_features: int | None = No
             raise ValueError(f"LIBSVM file {str(p)!r} is malformed: {exc}") from exc
         if x.shape[0] == 0:
             raise ValueError(f"LIBSVM file {str(p)!r} has no samples")
-        raw.append((p, x.tocsr(), y))
+        bad = np.flatnonzero(~np.isfinite(y))
+        if len(bad):
+            raise ValueError(f"LIBSVM file {str(p)!r}: the label of sample {int(bad[0]) + 1} (line order) is "
+                             f"{y[bad[0]]}; labels must be finite numbers")
+        x = x.tocsr()
+        if not np.all(np.isfinite(x.data)):
+            row = int(np.searchsorted(x.indptr, int(np.flatnonzero(~np.isfinite(x.data))[0]), side="right"))
+            raise ValueError(f"LIBSVM file {str(p)!r}: sample {row} (line order) has a non-finite feature value "
+                             "(nan or inf); features must be finite numbers")
+        raw.append((p, x, y))
     uses_zero = [str(p) for p, x, _ in raw if x.nnz and x.indices.min() == 0]
     if zero_based is False and uses_zero:
         raise ValueError(f"LIBSVM file {uses_zero[0]!r} uses feature index 0, but zero_based=False (1-based indices)")
@@ -291,7 +300,8 @@ def libsvm(train: str | os.PathLike | None = None, test: str | os.PathLike | Non
 
     ``task="auto"``: two distinct labels -> ``binary`` (the larger one becomes 1, so ``-1/+1`` and
     ``0/1`` both map to ``0/1``); more, all integers -> ``classification`` (sorted labels mapped to
-    ``0..k-1``); otherwise ``regression`` (float32 targets). Without a ``test`` file, a seeded
+    ``0..k-1``); otherwise ``regression`` (float32 targets). Refused (ValueError naming the file):
+    a non-finite label or feature value, and files whose samples all carry one label. Without a ``test`` file, a seeded
     split holds out ``test_fraction`` (stratified for classification). No feature scaling.
     """
     from leantrain.data.bundled import stratified_split
@@ -310,6 +320,9 @@ def libsvm(train: str | os.PathLike | None = None, test: str | os.PathLike | Non
                          "use leantrain.data.files.libsvm_arrays for the sparse matrices")
     y_all = np.concatenate([y for _, y in arrays])
     labels = np.unique(y_all)
+    if len(labels) < 2:
+        raise ValueError(f"LIBSVM file {str(train)!r}: every sample has the label {labels[0]:g}; a data set needs "
+                         "at least 2 distinct label values")
     integral = bool(np.all(labels == np.round(labels)))
     if task == "auto":
         task = "binary" if len(labels) == 2 else ("classification" if integral and len(labels) <= 1000 else "regression")

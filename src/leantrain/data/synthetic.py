@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from leantrain.data import DatasetInfo, Split, register_dataset
+from leantrain.validation import check_int, check_range, check_seed
 
 __all__ = ["gaussian_mixture", "synthetic_images", "clicks"]
 
@@ -23,8 +24,11 @@ def gaussian_mixture(n_train: int = 2000, n_test: int = 1000, dim: int = 2, clas
     Means are ``separation * m_c`` with ``m_c`` uniformly on the unit sphere, so the separation is
     the distance scale between class centres regardless of ``dim``.
     """
-    if n_train < 1 or n_test < 1 or dim < 1 or classes < 2:
-        raise ValueError("n_train, n_test, dim must be >= 1 and classes >= 2")
+    for name, v in (("n_train", n_train), ("n_test", n_test), ("dim", dim)):
+        check_int(name, v, 1)
+    check_int("classes", classes, 2)
+    check_range("separation", separation, 0)
+    check_seed("seed", seed)
     rng = np.random.default_rng(seed)
     m = rng.normal(size=(classes, dim))
     m /= np.linalg.norm(m, axis=1, keepdims=True)

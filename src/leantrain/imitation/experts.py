@@ -88,7 +88,15 @@ def load_expert(path: str | Path, env_id: str | None = None) -> ExpertPolicy:
     if not model_path.is_file():
         raise ValueError(f"expert model {str(model_path)!r} does not exist")
     meta_path = model_path.with_name(META_FILE)
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta: dict = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"expert metadata file {str(meta_path)!r} is unreadable: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise ValueError(f"expert metadata file {str(meta_path)!r} holds a JSON {type(meta).__name__}, "
+                             "expected an object with 'algo' and 'env_id'")
     algos = [meta["algo"]] if "algo" in meta else list(ALGOS)
     errors = []
     for algo in algos:

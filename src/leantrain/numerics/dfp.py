@@ -115,12 +115,38 @@ def to_dfp(
     return mant, (exp.reshape(()) if block is None else exp)
 
 
-def from_dfp(mantissas: torch.Tensor, exponent: torch.Tensor | int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def from_dfp(mantissas: torch.Tensor, exponent: torch.Tensor | int, *, dtype: torch.dtype = torch.float32,
+             overflow: str = "inf") -> torch.Tensor:
     """``mantissas * 2^exponent`` as ``dtype`` (computed exactly in float64, then rounded once to ``dtype``).
 
     ``exponent``: a scalar (per tensor) or a tensor of shape ``mantissas.shape[:-1] + (n_blocks,)`` with
     ``n_blocks`` dividing ``mantissas.shape[-1]`` (per block, as returned by :func:`to_dfp`).
+
+    Overflow follows the numerics rule for round-to-nearest (docs/numerics.md): a value whose
+    magnitude rounds above ``dtype``'s largest finite value becomes ``+-inf`` (``overflow="inf"``,
+    the IEEE result, what ``tensor.to(dtype)`` gives); ``overflow="saturate"`` gives ``+-max``
+    instead; ``overflow="error"`` raises ``OverflowError`` saying how many values overflowed and
+    the largest magnitude. (A DFP value produced by :func:`to_dfp` from a ``dtype`` tensor never overflows.)
     """
+    if overflow not in ("inf", "saturate", "error"):
+        raise ValueError(f"overflow must be 'inf', 'saturate' or 'error', got {overflow!r}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
+    exact = _from_dfp_exact(mantissas, exponent)
+    out = exact.to(dtype)
+    if overflow != "inf" and dtype != torch.float64:
+        over = torch.isinf(out) & torch.isfinite(exact)
+        if bool(over.any()):
+            if overflow == "error":
+                raise OverflowError(f"{int(over.sum())} value(s) overflow {dtype} (largest magnitude "
+                                    f"{float(exact[over].abs().max()):.6g} > {torch.finfo(dtype).max:.6g}); "
+                                    "use overflow='saturate' or a wider dtype")
+            out = torch.where(over, torch.finfo(dtype).max * torch.sign(exact).to(dtype), out)
+    return out
+
+
+def _from_dfp_exact(mantissas: torch.Tensor, exponent: torch.Tensor | int) -> torch.Tensor:
+    """``mantissas * 2^exponent`` in float64 (exact while it fits float64's range)."""
     if not isinstance(mantissas, torch.Tensor) or mantissas.is_floating_point() or mantissas.is_complex():
         raise TypeError(f"mantissas must be an integer tensor, got {getattr(mantissas, 'dtype', type(mantissas).__name__)}")
     exp = torch.as_tensor(exponent, device=mantissas.device)
@@ -128,12 +154,12 @@ def from_dfp(mantissas: torch.Tensor, exponent: torch.Tensor | int, *, dtype: to
         raise TypeError(f"exponent must be an integer tensor or int, got dtype {exp.dtype}")
     m = mantissas.to(torch.float64)
     if exp.dim() == 0:
-        return _ldexp(m, exp).to(dtype)
+        return _ldexp(m, exp)
     nb = exp.shape[-1]
     if m.dim() == 0 or exp.shape[:-1] != m.shape[:-1] or nb == 0 or m.shape[-1] % nb:
         raise ValueError(f"exponent shape {tuple(exp.shape)} does not match mantissas shape {tuple(m.shape)} in blocks")
     mb = m.reshape(*m.shape[:-1], nb, m.shape[-1] // nb)
-    return _ldexp(mb, exp.unsqueeze(-1)).reshape(m.shape).to(dtype)
+    return _ldexp(mb, exp.unsqueeze(-1)).reshape(m.shape)
 
 
 def dfp_round(

@@ -66,6 +66,12 @@ class FloatFormat:
             v = getattr(self, arg)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{arg} must be an int, got {type(v).__name__}")
+        for arg in ("subnormals", "saturate"):  # a string such as "no" would otherwise read as true
+            v = getattr(self, arg)
+            if not isinstance(v, bool):
+                raise TypeError(f"{arg} must be True or False, got {type(v).__name__} {v!r}")
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
         if not 1 <= self.exp_bits <= 8:
             raise ValueError(f"exp_bits must be in 1..8 (float32 storage), got {self.exp_bits}")
         if not 0 <= self.man_bits <= 23:

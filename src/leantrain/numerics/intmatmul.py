@@ -259,6 +259,8 @@ def int_matmul(
         ``stats``: ``overflow_events``, ``overflowed_outputs``, ``accumulations`` (= outputs x K),
         ``overflow_rate`` (events / accumulations), ``chunks``, ``max_abs_exact`` (largest |exact chunk sum|),
         ``acc_bits``, ``chunk``.
+
+    ``K = 0`` is an empty sum: the result is all zeros (as ``torch.matmul``) with ``chunks = 0``.
     """
     _check_int(a, "a")
     _check_int(b, "b")
@@ -271,6 +273,11 @@ def int_matmul(
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     lead, (m_, k_), n_ = a.shape[:-2], a.shape[-2:], b.shape[1]
+    if k_ == 0:  # the empty sum: every output is 0, as in torch.matmul; nothing accumulates, nothing overflows
+        dtype = torch.float32 if chunk is not None else (torch.int32 if acc_bits <= 32 else torch.int64)
+        stats = {"overflow_events": 0, "overflowed_outputs": 0, "accumulations": 0, "chunks": 0, "max_abs_exact": 0,
+                 "acc_bits": acc_bits, "chunk": chunk, "overflow_rate": 0.0}
+        return torch.zeros(*lead, m_, n_, dtype=dtype, device=a.device), stats
     a2 = a.reshape(-1, k_)
     # |min| via Python ints: abs() in the operand dtype would overflow for its most negative value
     amax = max(abs(int(v)) for v in a2.aminmax()) if a2.numel() else 0

@@ -234,7 +234,8 @@ def quantize(
       that cannot encode it (ml_dtypes turns NaN into -0 there; we refuse to hide a NaN).
     - Not differentiable: the result is detached (use :class:`~leantrain.numerics.autograd.Quantizer` in autograd).
     - Input dtype: float32 is used as is; float16/bfloat16 are widened exactly; float64 is first rounded
-      to float32 (nearest-even), which can double-round.
+      to float32: toward zero for ``"truncate"`` (so truncation stays exact and a finite float64 beyond
+      float32's range becomes ``+-max``, never inf), nearest-even otherwise (which can double-round).
 
     Args:
         x: floating-point tensor.
@@ -252,7 +253,13 @@ def quantize(
         raise TypeError(f"fmt must be a FloatFormat, got {type(fmt).__name__}")
     check_rounding(rounding)
     _check_generator(generator)
-    xf = x.detach().to(torch.float32).contiguous()
+    xf = x.detach().to(torch.float32)
+    if rounding == "truncate" and x.dtype == torch.float64:
+        # Truncation must not round away from zero on the way to float32 (which would also turn a finite
+        # value beyond float32's range into inf): where the nearest conversion did, step back one float32 ulp.
+        away = xf.abs() > x.detach().abs()
+        xf = torch.where(away, torch.nextafter(xf, torch.zeros_like(xf)), xf)
+    xf = xf.contiguous()
     if native and rounding == "nearest":
         dtype = _native_dtype(fmt, xf.device)
         if dtype is not None:

@@ -19,6 +19,7 @@ The default ``l2`` is ``1/n``, the statistical accuracy of ``n`` samples.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from leantrain.optim.objective import BatchLoss, WorkCounter, flatten
+from leantrain.validation import check_choice, check_int, check_range, check_seed
 
 __all__ = ["Problem", "make_problem", "synthetic_logistic", "reference_optimum", "binary_logistic_loss",
            "cross_entropy_loss", "load_split", "PROBLEMS"]
@@ -135,7 +137,7 @@ def synthetic_logistic(n_train: int = 100_000, n_test: int = 20_000, dim: int = 
 
 def load_split(dataset: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``(x_train, y_train, x_test, y_test, info)`` for a data-set name, a LIBSVM file or ``synthlogreg``."""
-    from leantrain.data import load_dataset
+    from leantrain.data import DATASETS, load_dataset
 
     name = str(dataset)
     if name == "synthlogreg":
@@ -145,7 +147,13 @@ def load_split(dataset: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if Path(name).is_file():
         split = load_dataset("libsvm", train=name)
     else:
-        split = load_dataset(name)
+        try:
+            split = load_dataset(name)
+        except ValueError:
+            if name not in DATASETS and (Path(name).suffix or "/" in name or os.sep in name):
+                raise ValueError(f"dataset {name!r}: no such LIBSVM file (and it is not a data set name; "
+                                 "see `leantrain data list`)") from None
+            raise
     if split.info.num_classes < 2:
         raise ValueError(f"dataset {name!r} is a {split.info.task} task; optimize needs classification labels")
     xtr, ytr = split.tensors("train")
@@ -162,10 +170,14 @@ def make_problem(problem: str, dataset: str | Path, l2: float | None = None, *, 
     ``dtype`` defaults to float64 for ``logreg`` and float32 otherwise; ``seed`` initializes
     the networks; ``max_train`` keeps only the first training samples (quick profiles).
     """
-    if problem not in PROBLEMS:
-        raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
-    if l2 is not None and not l2 >= 0:
-        raise ValueError(f"l2 must be >= 0, got {l2}")
+    check_choice("problem", problem, PROBLEMS)
+    if l2 is not None:
+        check_range("l2", l2, 0)
+    if max_train is not None:
+        check_int("max_train", max_train, 1)
+    for i, h in enumerate(hidden):
+        check_int(f"hidden[{i}]", h, 1)
+    check_seed("seed", seed)
     xtr, ytr, xte, yte, info = load_split(dataset)
     if max_train is not None:
         xtr, ytr = xtr[:max_train], ytr[:max_train]
