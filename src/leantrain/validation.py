@@ -121,7 +121,7 @@ def check_choice(name: str, value: T, allowed: Iterable[T]) -> T:
 
 def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is ``True``/``False`` (or numpy's bool); a string such as ``"no"`` is a TypeError."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 

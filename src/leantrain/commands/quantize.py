@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from leantrain.commands import add_common, declare_outputs, emit, resolve_device
+from leantrain.validation import check_int, check_positive, check_range
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
     from leantrain.train import evaluate
 
     device = resolve_device(args.device)
-    if args.group_size < 1:
-        raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
-    if args.act_bits < 0:
-        raise ValueError(f"--act-bits must be >= 0 (0 = FP32 activations), got {args.act_bits}")
-    if args.finetune_epochs < 0:
-        raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    check_int("--group-size", args.group_size, 1)
+    check_int("--act-bits (0 = FP32 activations)", args.act_bits, 0, 16)
+    check_int("--finetune-epochs", args.finetune_epochs, 0)
+    check_int("--calibration-batches", args.calibration_batches, 1)
+    check_int("--max-terms", args.max_terms, 1)
+    check_positive("--finetune-lr", args.finetune_lr)
+    if args.residual_budget is not None:
+        check_range("--residual-budget", args.residual_budget, 0)
     if args.residual_budget is not None and args.weights != "ternary":
         raise ValueError("--residual-budget needs --weights ternary (residual edges are ternary)")
     torch.manual_seed(args.seed)

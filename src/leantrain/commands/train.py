@@ -163,7 +163,7 @@ def check_resume(ckpt: Path, options: dict[str, Any], override: tuple[str, ...])
     if refused:
         listed = "; ".join(f"{_flag(k)} {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
         can = [k for k in refused if k in OVERRIDABLE]
-        hint = f", or pass --override {','.join(can)} to continue with the new values" if can else ""
+        hint = f", or pass --override {','.join(k.replace('_', '-') for k in can)} to continue with the new values" if can else ""
         raise UsageError(f"--resume: checkpoint {str(ckpt)!r} was written with other options: {listed}; "
                          f"rerun with the checkpoint's values{hint}")
     unused = [k for k in override if k not in diff]
