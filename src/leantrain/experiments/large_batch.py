@@ -212,7 +212,10 @@ def _run(cfg: Config, profile: str, out: Path, seed: int, device: str) -> Result
         for name in CONTENDERS:
             path = runs_dir / f"{profile}-seed{s}-{name.replace(' ', '_')}.pt"
             model = _model(cfg, in_features, classes)
-            saved = load_torch(path) if path.is_file() else None
+            try:
+                saved = load_torch(path) if path.is_file() else None
+            except ValueError:  # damaged, or written before checkpoints carried a checksum: recompute
+                saved = None
             if saved is not None and saved.get("config") == cfg.__dict__:
                 model.load_state_dict(saved["model"])
                 model.to(device)
