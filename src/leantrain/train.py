@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from leantrain.storage import load_torch, remove_stale_temporaries, save_torch
+from leantrain.validation import check_seed
 
 __all__ = ["Hooks", "History", "CheckpointWriteError", "fit", "evaluate", "epoch_order", "batches", "accuracy_metric",
            "sequence_cross_entropy", "binary_cross_entropy", "loss_for_task"]
@@ -253,6 +254,7 @@ def fit(
     A checkpoint of another model or optimizer class is a ValueError naming the file. A failed
     checkpoint write raises :class:`CheckpointWriteError`, which carries the history so far.
     """
+    check_seed("seed", seed)  # epoch orders are seeded with seed * 1_000_003 + epoch, which must fit 64 bits
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:

@@ -11,6 +11,11 @@ The command is three steps, each its own function so that other layers can exten
 The checkpoint (``--checkpoint``, default ``OUT/checkpoint.pt``) carries the model spec and
 ``extra = {"dataset", "data_args", "task", "train_options"}``, so :func:`leantrain.models.load_model`
 rebuilds the model and :func:`leantrain.models.checkpoint_extra` names its data.
+
+Safety (docs/files.md): ``--resume`` compares the run-defining options (:data:`DEFINING`) with the
+checkpoint's and refuses a difference unless ``--override`` names it (only :data:`OVERRIDABLE`);
+a non-finite loss stops the run (exit 2, naming ``--lr``); a checkpoint that cannot be written
+still leaves the history (``OUT/history.json``, else the temporary folder) and says where.
 """
 
 from __future__ import annotations
@@ -263,9 +268,20 @@ class _Diverged(Exception):
         self.step, self.loss = step, loss
 
 
-def _stop_on_nonfinite(step: int, loss: float) -> None:
-    if not math.isfinite(loss):
-        raise _Diverged(step, loss)
+def _divergence_check(patience: int) -> Any:
+    """A ``fit`` step callback raising :class:`_Diverged` after ``patience`` consecutive non-finite losses.
+
+    FP32 training has no reason for a single non-finite loss; emulated low precision may overflow
+    in a forward pass now and then (the loss scaler skips that step), so it gets a few in a row.
+    """
+    run = [0]
+
+    def check(step: int, loss: float) -> None:
+        run[0] = 0 if math.isfinite(loss) else run[0] + 1
+        if run[0] >= patience:
+            raise _Diverged(step, loss)
+
+    return check
 
 
 def _write_history(out: Path, result: dict[str, Any]) -> tuple[Path | None, str]:
@@ -318,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
                       resume=args.resume, max_steps=args.max_steps, eval_train=False,
                       progress=lead and not args.no_progress, model_spec=setup.spec, extra=setup.extra,
                       resume_overrides=overrides or None,
-                      step_callback=None if args.precision != "fp32" else _stop_on_nonfinite, **fit_kwargs)
+                      step_callback=_divergence_check(1 if args.precision == "fp32" else 5), **fit_kwargs)
     except CheckpointWriteError as exc:
         if not lead:
             raise
