@@ -679,3 +679,40 @@ def test_quantize_option_checks(trained, tmp_path, capsys):
                        ("--finetune-lr", "-1"), ("--act-bits", "-2"), ("--residual-budget", "nan")):
         code, _, err = run_cli(["quantize", trained, opt, value, "--out", tmp_path / "q.lt"], capsys)
         assert code == 2 and opt in err, (opt, err)
+
+
+@pytest.mark.parametrize("key", ["observation_space", "policy_class", "lr_schedule", "zz_unknown"])
+def test_expert_archive_with_a_pickled_payload_never_runs_it(tmp_path, key):
+    import base64
+    import zipfile
+
+    cloudpickle = pytest.importorskip("cloudpickle")
+    from leantrain.experiments.rail import asset_dir
+    from leantrain.imitation.experts import load_expert
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    src = asset_dir("InvertedPendulum-v5")
+    evil = tmp_path / "expert"
+    evil.mkdir()
+    (evil / "expert.json").write_text((src / "expert.json").read_text())
+    with zipfile.ZipFile(src / "expert.zip") as zin, zipfile.ZipFile(evil / "expert.zip", "w") as zout:
+        for item in zin.infolist():
+            raw = zin.read(item.filename)
+            if item.filename == "data":
+                data = json.loads(raw)
+                data[key] = {":type:": "x", ":serialized:": base64.b64encode(cloudpickle.dumps(Payload())).decode()}
+                raw = json.dumps(data).encode()
+            zout.writestr(item, raw)
+    if key == "zz_unknown":
+        with pytest.raises(ValueError, match="does not unpickle") as info:
+            load_expert(evil)
+        assert str(evil / "expert.zip") in str(info.value) and "zz_unknown" in str(info.value)
+    else:
+        expert = load_expert(evil)  # the known entries are replaced, never unpickled
+        assert expert.env_id == "InvertedPendulum-v5"
+    assert not marker.exists()

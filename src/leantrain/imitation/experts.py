@@ -98,18 +98,67 @@ def load_expert(path: str | Path, env_id: str | None = None) -> ExpertPolicy:
             raise ValueError(f"expert metadata file {str(meta_path)!r} holds a JSON {type(meta).__name__}, "
                              "expected an object with 'algo' and 'env_id'")
     algos = [meta["algo"]] if "algo" in meta else list(ALGOS)
+    task = env_id or meta.get("env_id")
+    if task is None:
+        raise ValueError(f"{model_path}: no expert.json beside it; give the env id")
     errors = []
     for algo in algos:
+        cls = _algo_class(algo)
+        replacements = _unpickled_replacements(model_path, cls, task)
         try:
-            model = _algo_class(algo).load(model_path, device="cpu")
+            model = cls.load(model_path, device="cpu", custom_objects=replacements)
         except Exception as exc:  # SB3 raises many types for the wrong class or a corrupt file
             errors.append(f"{algo}: {exc}")
             continue
-        task = env_id or meta.get("env_id")
-        if task is None:
-            raise ValueError(f"{model_path}: no expert.json beside it; give the env id")
         return ExpertPolicy(model, task, algo)
     raise ValueError(f"{model_path}: not a loadable stable-baselines3 {'/'.join(algos)} model ({'; '.join(errors)})")
+
+
+def _unpickled_replacements(model_path: Path, cls: Any, env_id: str) -> dict[str, Any]:
+    """Plain replacements for every cloudpickled entry of an SB3 ``expert.zip``, so that loading runs no code from it.
+
+    SB3 stores some attributes (spaces, policy class, schedules, buffers) as base64 cloudpickle in
+    the archive's ``data`` JSON and unpickles them on load unless ``custom_objects`` supplies them.
+    We supply each: the spaces of ``env_id``'s environment, the default ``MlpPolicy`` class, and
+    plain values for the training-only entries (an expert is only used to predict). An entry we do
+    not know is refused rather than unpickled. (The weights themselves SB3 reads with
+    ``torch.load(weights_only=True)``.)
+    """
+    import zipfile
+
+    from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            data = json.loads(archive.read("data"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"expert model {str(model_path)!r} is not a stable-baselines3 archive: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"expert model {str(model_path)!r}: its 'data' entry is not a JSON object")
+    pickled = [k for k, v in data.items() if isinstance(v, dict) and ":serialized:" in v]
+    env = make_env(env_id)
+    try:
+        known: dict[str, Any] = {
+            "observation_space": env.observation_space, "action_space": env.action_space,
+            "policy_class": cls.policy_aliases["MlpPolicy"],
+            "lr_schedule": _constant_schedule(float(data.get("learning_rate", 3e-4))),
+            "clip_range": 0.2, "clip_range_vf": None,
+            "_last_obs": None, "_last_original_obs": None, "_last_episode_starts": None,
+            "ep_info_buffer": None, "ep_success_buffer": None, "rollout_buffer_class": None,
+            "replay_buffer_class": None, "action_noise": None, "learning_rate": 3e-4,
+            "train_freq": TrainFreq(1, TrainFrequencyUnit.STEP),
+        }
+    finally:
+        env.close()
+    unknown = [k for k in pickled if k not in known]
+    if unknown:
+        raise ValueError(f"expert model {str(model_path)!r} holds pickled Python objects {unknown} that leantrain "
+                         "does not unpickle (only models saved by `leantrain rail expert` / SB3 defaults load)")
+    return {k: known[k] for k in pickled}
+
+
+def _constant_schedule(value: float) -> Any:
+    return lambda _progress: value
 
 
 def record_trajectories(expert: ExpertPolicy, count: int = 25, *, seed: int = 0, deterministic: bool = False,
