@@ -245,9 +245,9 @@ def fit(
     epoch's steps), ``test_loss``/``test_accuracy`` when ``test`` is given, and
     ``train_eval_loss``/``train_eval_accuracy`` (eval mode, whole training set) when
     ``eval_train``. ``model_spec`` (from :func:`leantrain.models.model_spec`) is stored in the
-    checkpoint so :func:`leantrain.models.load_model` can rebuild the model; ``extra`` (any
-    picklable dict, e.g. the data set's name) is stored beside it, see
-    :func:`leantrain.models.checkpoint_extra`. ``checkpoint_every=N`` saves atomically every N
+    checkpoint so :func:`leantrain.models.load_model` can rebuild the model; ``extra`` (a dict of
+    plain data, see :func:`leantrain.storage.save_torch`; e.g. the data set's name) is stored beside
+    it, see :func:`leantrain.models.checkpoint_extra`. ``checkpoint_every=N`` saves atomically every N
     steps; ``resume=True`` continues from ``checkpoint`` if it exists (bit-identically, see the module docstring).
     Resuming restores the optimizer's hyperparameters from the checkpoint; ``resume_overrides``
     (e.g. ``{"lr": 0.01}``) then replaces those param-group entries, a deliberate change of course.
