@@ -716,3 +716,10 @@ def test_expert_archive_with_a_pickled_payload_never_runs_it(tmp_path, key):
         expert = load_expert(evil)  # the known entries are replaced, never unpickled
         assert expert.env_id == "InvertedPendulum-v5"
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["data/train.svm", "missing.libsvm"])
+def test_a_path_given_as_data_set_name_is_explained(name, tmp_path, capsys):
+    code, _, err = run_cli(["train", "--model", "mlp", "--dataset", name, "--out", tmp_path], capsys)
+    assert code == 2 and f"dataset {name!r} is a path" in err and "--dataset libsvm --data-arg train=" in err
+    assert "does not exist" in err

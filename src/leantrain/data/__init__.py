@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,6 +85,11 @@ def load_dataset(name: str, **kwargs: Any) -> Split:
     """Load a registered data set by name; keyword arguments go to its loader."""
     _ensure_loaded()
     if name not in DATASETS:
+        if isinstance(name, str) and ("/" in name or "." in name):  # a path given where a name belongs
+            state = "exists" if Path(name).is_file() else "does not exist"
+            raise ValueError(f"dataset {name!r} is a path, not a data set name (the file {state}); for a LIBSVM "
+                             f"file use dataset 'libsvm' with train={name} (CLI: --dataset libsvm --data-arg "
+                             f"train={name}); names: {sorted(DATASETS)}")
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
     return DATASETS[name].loader(**kwargs)
 
