@@ -71,7 +71,12 @@ def check_output(path: str | os.PathLike, option: str, kind: str = "dir") -> Pat
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """:func:`check_output` every output option declared with :func:`declare_outputs` and given a value."""
+    """:func:`check_output` every output option declared with :func:`declare_outputs` and given a value.
+
+    Skipped for ``--list`` (which writes nothing).
+    """
+    if getattr(args, "list", False):
+        return
     for dest, kind in (getattr(args, "outputs", None) or {}).items():
         value = getattr(args, dest, None)
         if value:
