@@ -164,6 +164,11 @@ PARSE_CASES = [
     (["interpolate", "a.pt", "b.pt", "--points", "1"], "--points"),
     (["interpolate", "a.pt", "b.pt", "--alpha-min", "nan"], "--alpha-min"),
     (["interpolate", "a.pt", "b.pt", "--alpha-max", "inf"], "--alpha-max"),
+    # scale
+    (["scale", "--model", "mlp", "--latency", "inf"], "--latency"),
+    (["scale", "--model", "mlp", "--latency", "-1"], "--latency"),
+    (["scale", "--model", "mlp", "--bandwidth", "nan"], "--bandwidth"),
+    (["scale", "--model", "mlp", "--bandwidth", "0"], "--bandwidth"),
     # reproduce / common
     (["reproduce", "--seed", "-4"], "--seed"),
     (["reproduce", "--quick", "--full"], "--full"),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from leantrain.commands import add_common, emit, resolve_device
+from leantrain.validation import float_arg
 
 DEFAULT_NODES = "1,2,4,8,16,32,64,128,256,512,1024"
 #: Data sets whose input shapes fit each model by default.
@@ -29,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per-process batch size (default 32)")
     p.add_argument("--nodes", default=DEFAULT_NODES,
                    help=f"process counts, comma-separated; '...' doubles up to the next value (default {DEFAULT_NODES})")
-    p.add_argument("--bandwidth", type=float, default=100.0, help="link bandwidth in Gbit/s (default 100)")
-    p.add_argument("--latency", type=float, default=2.0, help="per-message latency in microseconds (default 2)")
+    p.add_argument("--bandwidth", type=float_arg(0, low_open=True), default=100.0, help="link bandwidth in Gbit/s (default 100)")
+    p.add_argument("--latency", type=float_arg(0), default=2.0, help="per-message latency in microseconds (default 2)")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="ring", help="all-reduce algorithm (default ring)")
     p.add_argument("--ranks-per-node", type=int, default=1, help="processes per node, for --algorithm hierarchical")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB (default 25)")
