@@ -68,7 +68,9 @@ class FloatFormat:
                 raise TypeError(f"{arg} must be an int, got {type(v).__name__}")
         for arg in ("subnormals", "saturate"):  # a string such as "no" would otherwise read as true
             v = getattr(self, arg)
-            if not isinstance(v, bool):
+            if type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"):
+                object.__setattr__(self, arg, bool(v))
+            elif not isinstance(v, bool):
                 raise TypeError(f"{arg} must be True or False, got {type(v).__name__} {v!r}")
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a str, got {type(self.name).__name__}")
