@@ -181,13 +181,14 @@ def _bind(args: Sequence[Any], kwargs: dict, names: Sequence[str], defaults: dic
 
 def _floats(*ts: Any) -> bool:
     """Whether the tensor operands are floating point (integer GEMMs pass through). Only float32 is emulated:
-    the policies accumulate in FP32, so a float64 or float16 operand is an error, not a silent FP32 GEMM."""
+    the policies accumulate in FP32, so a float64 or float16 operand is a ValueError, not a silent FP32 GEMM."""
     fl = [t for t in ts if isinstance(t, torch.Tensor)]
     if not all(t.is_floating_point() for t in fl):
         return False
     for t in fl:
         if t.dtype != torch.float32:
-            raise TypeError(f"leantrain.precision emulates float32 models only (GEMMs accumulate in FP32), got a "
+            # ValueError, not TypeError: torch turns a TypeError raised under ``a @ b`` into NotImplemented
+            raise ValueError(f"leantrain.precision emulates float32 models only (GEMMs accumulate in FP32), got a "
                             f"{t.dtype} operand; convert the model and inputs with .float()")
     return True
 
