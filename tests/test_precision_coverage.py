@@ -375,3 +375,38 @@ def test_torchvision_resnet18_and_mobilenet() -> None:
     torch.manual_seed(9)
     for make in (tv.models.resnet18, tv.models.mobilenet_v3_small):
         check_model(make(num_classes=3), (torch.randn(2, 3, 32, 32),), activation=False)
+
+
+class _RawAtenMatmul(nn.Module):
+    """A GEMM leantrain does not route (a direct aten call): the audit must report it, not hide it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.mm.default(self.fc(x), self.w)
+
+
+def test_audit_reports_gemms_that_ran_unrounded() -> None:
+    torch.manual_seed(10)
+    a = audit(_RawAtenMatmul(), torch.randn(3, 4), policy="bf16")
+    assert a.emulated["parameter"] == {"forward": 1, "backward_weight": 1}  # x needs no gradient
+    # forward mm, and its two backward GEMMs (autograd's MmBackward0)
+    assert a.unrounded == {"mm in <root> (forward)": 1, "mm in <outside the model> (backward (MmBackward0))": 2}
+    assert "3 GEMM(s) ran UNROUNDED" in a.describe()
+    fp = audit(_RawAtenMatmul(), torch.randn(3, 4), policy="fp32")
+    assert fp.total_emulated == 0 and fp.total_unrounded == 5  # fp32 routes nothing: every GEMM is plain FP32
+
+
+def test_precision_audit_command(capsys) -> None:
+    import json
+
+    from leantrain.cli import main
+
+    assert main(["precision", "audit", "torch:mha", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_unrounded"] == 0 and out["emulated"]["activation"]["forward"] == 2
+    assert main(["precision", "audit", "no-such-model"]) == 2
+    assert "MODEL-SPEC must be one of" in capsys.readouterr().err
