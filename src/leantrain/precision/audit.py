@@ -141,14 +141,14 @@ def audit(model: nn.Module, *inputs: Any, policy: str | Policy | None = "bf16",
     def running() -> str:
         return (emu._stack[-1][0] or "<root>") if emu._stack else "<outside the model>"
 
-    intercept._scope.counter = count
+    intercept._counter.append(count)
     try:
         with _AtenGemms(unrounded, running):
             out = m(*inputs, **kwargs)
             loss = loss_fn(out) if loss_fn is not None else _random_projection(out, torch.Generator().manual_seed(0))
             loss.backward()
     finally:
-        intercept._scope.counter = None
+        intercept._counter.remove(count)
     result.emulated = {k: dict(v) for k, v in emulated.items()}
     result.fp32_by_policy = {k: dict(v) for k, v in fp32.items()}
     result.unrounded = dict(unrounded)

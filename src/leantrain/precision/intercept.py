@@ -70,6 +70,8 @@ class GemmNumerics(LayerNumerics):
 # ------------------------------------------------------------------ scope (read by the audit's dispatch mode)
 
 _scope = threading.local()
+# The audit's callback; process-wide, since autograd may run backward functions on its own device threads.
+_counter: list[Callable[[GemmNumerics, tuple[str, ...]], None]] = []
 
 
 def current_gemm() -> tuple[GemmNumerics, tuple[str, ...]] | None:
@@ -82,9 +84,8 @@ def current_gemm() -> tuple[GemmNumerics, tuple[str, ...]] | None:
 def _run(L: GemmNumerics, gemms: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> Any:
     st = _scope.__dict__.setdefault("stack", [])
     st.append((L, gemms))
-    counter = getattr(_scope, "counter", None)
-    if counter is not None:
-        counter(L, gemms)
+    if _counter:
+        _counter[-1](L, gemms)
     try:
         # The operands are already rounded: no mode (ours or another) may route these GEMMs again.
         with torch._C.DisableTorchFunction():
@@ -508,7 +509,8 @@ def _undispatched(func: Any) -> Callable[..., Any]:
     never sees the calls nested inside a function it handles otherwise."""
     if func not in _UNDISPATCHED:
         glb = dict(func.__globals__)
-        glb["has_torch_function"] = lambda *a: False
+        for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
+            glb[name] = lambda *a: False
         _UNDISPATCHED[func] = types.FunctionType(func.__code__, glb, func.__name__, func.__defaults__,
                                                  func.__closure__)
         _UNDISPATCHED[func].__kwdefaults__ = func.__kwdefaults__
