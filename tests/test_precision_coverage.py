@@ -410,3 +410,18 @@ def test_precision_audit_command(capsys) -> None:
     assert out["total_unrounded"] == 0 and out["emulated"]["activation"]["forward"] == 2
     assert main(["precision", "audit", "no-such-model"]) == 2
     assert "MODEL-SPEC must be one of" in capsys.readouterr().err
+
+
+def test_dfp16_activation_gemm_is_the_exact_integer_product_rescaled() -> None:
+    from leantrain.numerics import to_dfp
+    from leantrain.precision import IntAccumulator, get_policy
+
+    torch.manual_seed(11)
+    a, b = torch.randn(3, 4, 20), torch.randn(3, 20, 5)
+    pol = get_policy("dfp16").replace(name="dfp16-unchunked", accumulator=IntAccumulator(32, None))
+    with emulating(pol):
+        y = a @ b  # two activations: one batched activation GEMM, one shared exponent per tensor
+    am, ae = to_dfp(a, 16)
+    bm, be = to_dfp(b, 16)
+    exact = torch.bmm(am.to(torch.int64).double(), bm.to(torch.int64).double())  # |sums| < 2^53: exact
+    assert torch.equal(y, (exact.float() * 2.0 ** (int(ae) + int(be))))

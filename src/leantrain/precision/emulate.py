@@ -291,8 +291,10 @@ def emulate(model: nn.Module, policy: str | Policy, *, recorder: Recorder | None
                          "name them in allow_unsupported=[...] to keep them FP32 explicitly")
     emu = Emulation(pol, recorder=recorder, streams=RandomStreams(seed), fp32_layers=sorted(names),
                     root=type(model).__name__)
+    # nn.MultiheadAttention runs its out_proj weight itself (F.linear in its own GEMM site): no site for out_proj
+    mha = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, m in model.named_modules():
-        inside = any(b == "" or name == b or name.startswith(b + ".") for b in names)
+        inside = any(b == "" or name == b or name.startswith(b + ".") for b in names) or name.startswith(tuple(mha))
         if isinstance(m, FP32_LAYERS):
             emu.norm_layers.append(name)
         elif isinstance(m, _GEMM_MODULES) and not inside:
