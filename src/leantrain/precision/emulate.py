@@ -234,7 +234,7 @@ def restore(model: nn.Module) -> nn.Module:
             if isinstance(hook, _Exit):
                 del m._forward_hooks[key]
                 m._forward_hooks_always_called.pop(key, None)
-    model.__dict__.pop(_ROOT_ATTR, None)
+        m.__dict__.pop(_ROOT_ATTR, None)  # also an emulation of a submodule, whose hooks just went
     return model
 
 

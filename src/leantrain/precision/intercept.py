@@ -500,21 +500,17 @@ def _h_sdpa(m: GemmInterceptor, func: Any, args: Sequence[Any], kwargs: dict) ->
     return _matmul(m, pr, v, L)
 
 
-_UNDISPATCHED: dict[Any, Callable[..., Any]] = {}
-
-
 def _undispatched(func: Any) -> Callable[..., Any]:
     """``func`` (a Python function of torch that hands itself to the active mode via ``has_torch_function``)
     with that check off, so that its body runs with the mode active and every GEMM inside it is routed; a mode
-    never sees the calls nested inside a function it handles otherwise."""
-    if func not in _UNDISPATCHED:
-        glb = dict(func.__globals__)
-        for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
-            glb[name] = lambda *a: False
-        _UNDISPATCHED[func] = types.FunctionType(func.__code__, glb, func.__name__, func.__defaults__,
-                                                 func.__closure__)
-        _UNDISPATCHED[func].__kwdefaults__ = func.__kwdefaults__
-    return _UNDISPATCHED[func]
+    never sees the calls nested inside a function it handles otherwise. Its module's globals are copied at each
+    call, so a later change to them (a patched ``F.scaled_dot_product_attention``) is seen."""
+    glb = dict(func.__globals__)
+    for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
+        glb[name] = lambda *a: False
+    f = types.FunctionType(func.__code__, glb, func.__name__, func.__defaults__, func.__closure__)
+    f.__kwdefaults__ = func.__kwdefaults__
+    return f
 
 
 def _h_composite(m: GemmInterceptor, func: Any, args: Sequence[Any], kwargs: dict) -> Any:
