@@ -425,3 +425,15 @@ def test_dfp16_activation_gemm_is_the_exact_integer_product_rescaled() -> None:
     bm, be = to_dfp(b, 16)
     exact = torch.bmm(am.to(torch.int64).double(), bm.to(torch.int64).double())  # |sums| < 2^53: exact
     assert torch.equal(y, (exact.float() * 2.0 ** (int(ae) + int(be))))
+
+
+def test_what_is_not_emulated_raises_clearly() -> None:
+    torch.manual_seed(12)
+    lstm = emulate(nn.LSTM(3, 4), "bf16")
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    with pytest.raises(ValueError, match="packed sequences .* not emulated"):
+        lstm(packed)
+    with emulating("dfp16"), pytest.raises(ValueError, match="groups=2 cannot be emulated under the DFP policy"):
+        F.conv2d(torch.randn(1, 4, 5, 5), nn.Parameter(torch.randn(4, 2, 3, 3)), groups=2)
+    # the hooks left the module stack clean after the exception: the model still runs
+    assert lstm(torch.randn(5, 2, 3))[0].shape == (5, 2, 4) and emulation_of(lstm)._stack == []
