@@ -23,6 +23,7 @@ from leantrain.precision import (
     Policy,
     PrecisionHooks,
     Recorder,
+    audit,
     emulate,
     emulation_of,
     get_policy,
@@ -254,7 +255,8 @@ def test_state_dict_round_trip_and_restore() -> None:
     plain_keys = list(model.state_dict())
     classes = {n: type(m) for n, m in model.named_modules()}
     emulate(model, "bf16")
-    assert type(model.decoder).__name__ == "EmulatedLinear" and isinstance(model.decoder, nn.Linear)
+    # GEMMs are intercepted, no class is swapped
+    assert {n: type(m) for n, m in model.named_modules()} == classes and "decoder" in emulation_of(model).layers
     assert list(model.state_dict()) == plain_keys
     fresh = CharLSTM(vocab_size=12, embed_dim=4, hidden_size=8)
     fresh.load_state_dict(model.state_dict())
@@ -268,6 +270,10 @@ def test_state_dict_round_trip_and_restore() -> None:
     assert torch.equal(fresh(idx), model(idx))
     restore(model)
     assert {n: type(m) for n, m in model.named_modules()} == classes and emulation_of(model) is None
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    plain = CharLSTM(vocab_size=12, embed_dim=4, hidden_size=8)
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(model(idx), plain(idx))  # restored: the plain FP32 model again
 
 
 def test_loss_scaler_skips_on_injected_inf_and_recovers() -> None:
@@ -411,19 +417,38 @@ class _CustomLinear(nn.Linear):
         return super().forward(x) * 2
 
 
-def test_unsupported_layers_are_listed_not_silently_fp32() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4), _OwnMatmul(), _CustomLinear(4, 4), nn.BatchNorm1d(4),
-                          nn.MultiheadAttention(4, 2))
+class _LookupThenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 4, max_norm=1.0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(idx))
+
+
+def test_layers_once_refused_are_emulated_and_unsupported_ones_listed_not_silently_fp32() -> None:
+    torch.manual_seed(13)
+    # a custom x @ self.w layer and a Linear subclass with its own forward: their GEMMs are intercepted now
+    model = nn.Sequential(nn.Linear(4, 4), _OwnMatmul(), _CustomLinear(4, 4), nn.BatchNorm1d(4))
+    a = audit(model, torch.randn(3, 4), policy="bf16")
+    assert a.total_unrounded == 0
+    assert a.emulated == {"parameter": {"forward": 3, "backward_data": 2, "backward_weight": 3}}
+    emulate(model, "bf16")
+    assert emulation_of(model).norm_layers == ["3"] and "normalization layers (1): 3" in emulation_of(model).describe()
+    # an embedding with max_norm renormalises its table in place: refused, listed, FP32 only when named
+    bad = _LookupThenLinear()
     with pytest.raises(ValueError) as err:
-        emulate(model, "bf16")
+        emulate(bad, "bf16")
     msg = str(err.value)
-    for name, kind in (("1", "LSTM"), ("2", "_OwnMatmul"), ("3", "_CustomLinear"), ("5", "MultiheadAttention")):
-        assert f"{name} ({kind})" in msg
-    assert "4 (BatchNorm1d)" not in msg and "5.out_proj" not in msg and "allow_unsupported" in msg
-    assert type(model[0]) is nn.Linear  # nothing was wrapped
-    emulate(model, "bf16", allow_unsupported=["1", "2", "3", nn.MultiheadAttention])
-    emu = emulation_of(model)
-    assert emu.fp32_layers == ["1", "2", "3", "5"] and list(emu.layers) == ["0"] and emu.norm_layers == ["4"]
+    assert "emb (Embedding)" in msg and "fc (" not in msg and "allow_unsupported" in msg and emulation_of(bad) is None
+    plain = copy.deepcopy(bad)
+    emulate(bad, "bf16", allow_unsupported=[nn.Embedding])
+    emu = emulation_of(bad)
+    assert emu.fp32_layers == ["emb"] and "allow_unsupported: emb" in emu.describe()
+    idx = torch.tensor([[1, 2, 5]])
+    assert torch.equal(bad.emb(idx), plain.emb(idx))  # the lookup is FP32, as declared
+    assert not torch.equal(bad(idx), plain(idx))      # the linear layer is not
     with pytest.raises(ValueError, match="not unsupported"):
         emulate(nn.Sequential(nn.Linear(2, 2)), "bf16", allow_unsupported=["0"])
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))

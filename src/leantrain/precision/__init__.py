@@ -3,7 +3,9 @@
 
 - :class:`Policy` (and :data:`POLICIES`: ``fp32``, ``bf16``, ``bf16-sr``, ``bf16-trunc``, ``fp16``,
   ``fp16-scaled``, ``fp8``, ``dfp16``) says which input of which GEMM is rounded to what;
-- :func:`emulate` wraps a model's linear, convolution and embedding layers in place;
+- :func:`emulate` (a model, in place) and :func:`emulating` (a ``with`` block) intercept every GEMM: linear,
+  matmul/einsum, convolution, attention, recurrent layers, embeddings; :func:`audit` counts them per kind and
+  reports any that ran unrounded;
 - :class:`LossScaler` does dynamic loss scaling; :class:`PrecisionHooks` plugs all of it into
   :func:`leantrain.train.fit`;
 - :class:`Recorder` counts underflow / overflow / saturation per layer, tensor and step, the DFP
@@ -17,7 +19,16 @@ Example::
     print(rec.summary()["dy"]["underflow_frac"])
 """
 
-from leantrain.precision.emulate import FP32_LAYERS, Emulation, emulate, emulation_of, restore, unsupported_layers
+from leantrain.precision.audit import GemmAudit, audit
+from leantrain.precision.emulate import (
+    FP32_LAYERS,
+    Emulation,
+    emulate,
+    emulating,
+    emulation_of,
+    restore,
+    unsupported_layers,
+)
 from leantrain.precision.hooks import PrecisionHooks, round_optimizer_state, round_parameters
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.operands import LayerNumerics, RandomStreams
@@ -36,7 +47,8 @@ from leantrain.precision.scaling import LossScaler
 
 __all__ = [
     "Policy", "Gemm", "FloatSpec", "DFPSpec", "IntAccumulator", "DynamicLossScaling", "POLICIES", "get_policy",
-    "policy_names", "emulate", "restore", "emulation_of", "unsupported_layers", "Emulation", "FP32_LAYERS",
+    "policy_names", "emulate", "emulating", "restore", "emulation_of", "unsupported_layers", "Emulation", "FP32_LAYERS",
+    "audit", "GemmAudit",
     "LossScaler", "PrecisionHooks", "round_parameters", "round_optimizer_state", "Recorder", "LayerNumerics",
     "RandomStreams",
 ]

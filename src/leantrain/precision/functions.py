@@ -30,7 +30,7 @@ from torch.autograd import Function
 from leantrain.precision.operands import LayerNumerics
 from leantrain.precision.policy import DFPSpec
 
-__all__ = ["ConvGeometry", "linear", "conv", "embedding"]
+__all__ = ["ConvGeometry", "linear", "bmm", "conv", "embedding"]
 
 
 def _reuse(first: Any, second: Any) -> bool:
@@ -118,6 +118,66 @@ def _round_dy_dfp(L: LayerNumerics, g: torch.Tensor, need_x: bool, need_w: bool)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, numerics: LayerNumerics) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with the GEMM inputs rounded by ``numerics.policy``."""
     return _Linear.apply(x, weight, bias, numerics)
+
+
+# ------------------------------------------------------------------------------ batched matmul
+
+class _Bmm(Function):
+    """``Y[i] = A[i] B[i]`` for (n, M, K) x (n, K, N): A plays the role of X, B that of W (``forward.a`` / ``.b``),
+    so ``dA = dY B^T`` is the backward-data GEMM and ``dB = A^T dY`` the backward-weight GEMM."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, L: LayerNumerics) -> torch.Tensor:
+        p = L.policy
+        if p.forward.integer:
+            am, ae = L.dfp(a, p.forward.a, "x")  # type: ignore[arg-type]
+            bm, be = L.dfp(b, p.forward.b, "w")  # type: ignore[arg-type]
+            y = torch.stack([L.int_gemm(am[i], bm[i], ae + be, "forward") for i in range(a.shape[0])]) \
+                if a.shape[0] else a.new_zeros(0, a.shape[1], b.shape[2])
+            ctx.save_for_backward(am, bm)
+            ctx.exps = (ae, be)
+        else:
+            aq = L.round(a, p.forward.a, "x")
+            bq = L.round(b, p.forward.b, "w")
+            y = torch.bmm(aq, bq)
+            ctx.save_for_backward(aq if _reuse(p.forward.a, p.backward_weight.a) else a,
+                                  bq if _reuse(p.forward.b, p.backward_data.b) else b)
+        ctx.L = L
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        L: LayerNumerics = ctx.L
+        p = L.policy
+        need_a, need_b = ctx.needs_input_grad[:2]
+        as_, bs = ctx.saved_tensors
+        da = db = None
+        if p.forward.integer:
+            ae, be = ctx.exps
+            gd, gw = _round_dy_dfp(L, g, need_a, need_b)
+            if need_a:
+                gm, ge = gd
+                da = torch.stack([L.int_gemm(gm[i], bs[i].t(), ge + be, "backward_data") for i in range(g.shape[0])])
+            if need_b:
+                gm, ge = gw
+                db = torch.stack([L.int_gemm(as_[i].t(), gm[i], ge + ae, "backward_weight") for i in range(g.shape[0])])
+        else:
+            gd, gw = _round_dy(L, g, need_a, need_b)
+            if need_a:
+                bd = bs if _reuse(p.forward.b, p.backward_data.b) else L.round(bs, p.backward_data.b, "w@backward_data")
+                da = torch.bmm(gd, bd.transpose(1, 2))
+            if need_b:
+                aw = as_ if _reuse(p.forward.a, p.backward_weight.a) else L.round(as_, p.backward_weight.a,
+                                                                                   "x@backward_weight")
+                db = torch.bmm(aw.transpose(1, 2), gw)
+        return da, db, None
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, numerics: LayerNumerics) -> torch.Tensor:
+    """``torch.bmm(a, b)`` ((n, M, K) x (n, K, N)) with the GEMM inputs rounded by ``numerics.policy``: ``a`` is
+    rounded as X, ``b`` as W, the output gradient as dY (for a GEMM of two activations, such as attention's
+    ``Q K^T`` and ``P V``, the policy's activation GEMM specs, :meth:`Policy.for_kind`)."""
+    return _Bmm.apply(a, b, numerics)
 
 
 # ------------------------------------------------------------------------------------ convolution

@@ -46,7 +46,7 @@ FP32_OPS = (
     "bias add (bias and its gradient FP32, added to the FP32 GEMM output)",
     "normalization layers (BatchNorm/LayerNorm/GroupNorm statistics and affine)",
     "activation functions, pooling, dropout, residual adds",
-    "parameter-free products between activations (e.g. DLRM dot interactions)",
+    "elementwise products (gates, masks, attention scale), recurrent-cell nonlinearities",
     "softmax and loss",
     "master weights, optimizer state and the weight update",
 )
@@ -224,7 +224,11 @@ class Policy:
       rows with ``backward_weight.b``), accumulating the table gradient in FP32;
     - ``master_weights`` / ``optimizer_state``: ``None`` keeps them FP32 (both papers); a
       :class:`FloatSpec` rounds them after every optimizer step (an ablation);
-    - ``fp32_ops``: the operations that stay FP32 (documentation, shown by :meth:`describe`).
+    - ``fp32_ops``: the operations that stay FP32 (documentation, shown by :meth:`describe`);
+    - ``activation``: the three GEMMs of a product of two *activations* (attention's ``Q K^T`` and ``P V``, any
+      ``matmul``/``bmm``/``einsum`` where neither operand is a parameter), ``(forward, backward_data,
+      backward_weight)`` with the first operand in the role of X and the second in that of W; ``None``: the same
+      formats as the parameter GEMMs above (:meth:`for_kind`).
 
     A tensor that two GEMMs consume with the *same* spec is rounded once and shared (as a stored
     low-precision copy would be): W between forward and backward-data, X between forward and
@@ -241,8 +245,15 @@ class Policy:
     master_weights: FloatSpec | None = None
     optimizer_state: FloatSpec | None = None
     fp32_ops: tuple[str, ...] = FP32_OPS
+    activation: tuple[Gemm, Gemm, Gemm] | None = None
 
     def __post_init__(self) -> None:
+        if self.activation is not None:
+            if not (isinstance(self.activation, tuple) and len(self.activation) == 3
+                    and all(isinstance(g, Gemm) for g in self.activation)):
+                raise TypeError("activation must be None or a tuple of 3 Gemm (forward, backward_data, "
+                                f"backward_weight), got {self.activation!r}")
+            self.for_kind("activation")  # validates the activation GEMMs by the same rules
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
         for what in ("forward", "backward_data", "backward_weight"):
@@ -279,8 +290,22 @@ class Policy:
 
     @property
     def rounds(self) -> bool:
-        """True when any GEMM input is rounded (False: the layers run their plain FP32 code)."""
-        return any(g.rounds for g in self.gemms().values())
+        """True when any GEMM input is rounded (False: the model runs its plain FP32 code)."""
+        return any(g.rounds for g in self.gemms().values()) or any(g.rounds for g in self.activation or ())
+
+    def for_kind(self, kind: str) -> Policy:
+        """The policy of one kind of GEMM, as the GEMM functions read it (``forward``, ``backward_data``,
+        ``backward_weight``): ``"parameter"`` (one operand is a parameter: linear, convolution, embedding, a
+        matmul with a weight) is this policy; ``"activation"`` (both operands are activations) has the
+        ``activation`` GEMMs in their place (this policy when ``activation`` is None)."""
+        if kind not in ("parameter", "activation"):
+            raise ValueError(f"kind must be 'parameter' or 'activation', got {kind!r}")
+        if kind == "parameter" or self.activation is None:
+            return self
+        f, d, w = self.activation
+        acc = self.accumulator if f.integer else "fp32"
+        return dataclasses.replace(self, forward=f, backward_data=d, backward_weight=w, accumulator=acc,
+                                   activation=None)
 
     def replace(self, **changes: object) -> Policy:
         """A copy with some fields changed (``dataclasses.replace``), e.g. another chunk length."""
@@ -298,7 +323,12 @@ class Policy:
             f"| backward-weight dW = X^T dY | X: {_label(self.backward_weight.a)} | dY: {_label(self.backward_weight.b)} "
             f"| {acc} -> FP32 |",
         ]
+        act = "same formats as the parameter GEMMs above"
+        if self.activation is not None:
+            act = self.for_kind("activation").describe_inputs()
         extra = [
+            f"- activation x activation GEMMs (attention Q K^T and P V, matmul/bmm/einsum of two activations; "
+            f"first operand as X, second as W): {act}",
             f"- master weights: {_label(self.master_weights)}; optimizer state: {_label(self.optimizer_state)}",
             f"- loss scaling: {'dynamic ' + str(dataclasses.asdict(self.loss_scaling)) if self.loss_scaling else 'none'}",
             f"- embeddings rounded: {'yes' if self.embeddings else 'no (FP32)'}",
