@@ -458,11 +458,10 @@ class DataParallelModule(nn.Module):
                     for w in b.works:
                         w.wait()
             except CollectiveError as exc:
-                if self.find_unused_parameters:
-                    raise
-                raise CollectiveError(exc.rank, exc.operation, exc.group, exc.elapsed_s, self.group.timeout_s,
-                                      f"{exc.args[0]} If some ranks did not use all parameters in this backward, pass "
-                                      "find_unused_parameters=True") from exc
+                if not self.find_unused_parameters:
+                    exc.add_note("If some ranks did not use every parameter in this backward (a peer then fails with "
+                                 "UnusedParameterError naming them), pass find_unused_parameters=True.")
+                raise
             t_done = time.perf_counter()
             unused_everywhere: set[nn.Parameter] = set()
             if self._used_map is not None:
