@@ -21,8 +21,8 @@ from torch import nn
 
 from leantrain.distributed import (
     ColumnParallelLinear,
-    DataParallelModule,
     DataParallelHooks,
+    DataParallelModule,
     Distribution,
     RowParallelLinear,
     SpawnError,
