@@ -47,6 +47,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     After backward, the averaged gradients live in the shards (``param.grad`` is None for the bucketed
     parameters): clip with :meth:`clip_grad_norm_`, and transform gradients through :meth:`shard_grads`.
+    ``state`` is the shard optimizer's live state (keyed by the flat shard parameters).
     """
 
     ELEMENTWISE: tuple[type[torch.optim.Optimizer], ...] = ELEMENTWISE_OPTIMIZERS
@@ -76,6 +77,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         dp._plan(groups)
         self.shard_optimizer = self._build_shards(cls)
         self._scatter_state(optimizer.state)
+        # The live state is the shards' (what in-place edits of optimizer.state, e.g. rounding of the optimizer
+        # state by a precision policy, must reach); state_dict() presents it per parameter.
+        self.state = self.shard_optimizer.state
 
     def __repr__(self) -> str:
         return f"ShardedOptimizer({type(self.optimizer).__name__}, {len(self.dp.buckets)} buckets, " \
@@ -197,20 +201,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The plain optimizer's state dict with the full state (all-gathered shards; a collective)."""
-        self._gather_state()
-        return super().state_dict()
+        live, self.state = self.state, self._gather_state()
+        try:
+            return super().state_dict()
+        finally:
+            self.state = live
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        live = self.state
+        super().load_state_dict(state_dict)  # self.state: the full state per parameter, cast as torch does
         # Optimizer.load_state_dict replaced the group dicts: keep sharing the wrapped optimizer's.
         for new, old in zip(self.param_groups, self.optimizer.param_groups):
             old.update({k: v for k, v in new.items() if k != "params"})
         self.param_groups = self.optimizer.param_groups
-        self._scatter_state(self.state)
+        full, self.state = self.state, live
+        self._scatter_state(full)
 
     @torch.no_grad()
-    def _gather_state(self) -> None:
+    def _gather_state(self) -> dict[torch.Tensor, dict[str, Any]]:
         dp = self.dp
+        out: dict[torch.Tensor, dict[str, Any]] = {}
         for b in dp.buckets:
             shard_state = self.shard_optimizer.state.get(b.shard_param, {})
             for key in sorted(shard_state):
@@ -220,10 +230,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     dp.group.all_gather(full, value.contiguous(), f"all_gather of optimizer state {key!r}, "
                                                                   f"bucket {b.index}").wait()
                     for p, off in zip(b.params, b.offsets):
-                        self.state[p][key] = full[off:off + p.numel()].view_as(p).clone()
+                        out.setdefault(p, {})[key] = full[off:off + p.numel()].view_as(p).clone()
                 else:
                     for p in b.params:
-                        self.state[p][key] = value.clone() if isinstance(value, torch.Tensor) else value
+                        out.setdefault(p, {})[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        return out
 
     @torch.no_grad()
     def _scatter_state(self, source: Any) -> None:
