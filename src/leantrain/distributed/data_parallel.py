@@ -295,7 +295,6 @@ class DataParallelModule(nn.Module):
             t0 = [0.0]
 
             def before(opt: Any, args: Any, kwargs: Any) -> None:
-                self.finish()
                 t0[0] = time.perf_counter()
 
             def after(opt: Any, args: Any, kwargs: Any) -> None:
@@ -608,10 +607,13 @@ class DataParallelModule(nn.Module):
 
 
 class DataParallel(DataParallelModule):
-    """Deprecated name of :class:`DataParallelModule` (it clashed with ``torch.nn.DataParallel``)."""
+    """Deprecated name of :class:`DataParallelModule` (it clashed with ``torch.nn.DataParallel``); its old
+    ``sync_buffers`` argument maps to ``broadcast_buffers="average"`` (True) or False."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sync_buffers: bool | None = None, **kwargs: Any) -> None:
         warnings.warn("leantrain.distributed.DataParallel is renamed DataParallelModule", DeprecationWarning, stacklevel=2)
+        if sync_buffers is not None:  # the old name of broadcast_buffers="average" (True) / False
+            kwargs.setdefault("broadcast_buffers", "average" if sync_buffers else False)
         super().__init__(*args, **kwargs)
 
 

@@ -169,7 +169,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.dp.finish()
         t0 = time.perf_counter()
         self._sharded_step()
         self.dp._record_update(t0, time.perf_counter())
