@@ -118,7 +118,8 @@ class DataParallelModule(nn.Module):
         broadcast_buffers: ``True``/``"broadcast"`` (copy buffers from data rank 0 at forward, as DDP),
             ``"average"`` (average floating buffers at the end of backward) or ``False``/``"none"``.
         broadcast: copy parameters and buffers from data rank 0 at construction, so replicas start equal.
-        seed: seeds this rank's generator for stochastic rounding (``seed * 1_000_003 + global rank``).
+        seed: seeds this rank's stochastic rounding (``seed * 1_000_003 + global rank``, mixed with the step and
+            the bucket index, see :class:`.exchange.CompressedExchange`).
         trace: record a :class:`~leantrain.distributed.timeline.Timeline` of compute and communication spans.
 
     :attr:`stats` holds a :class:`~leantrain.distributed.timeline.StepStats` per step. ``state_dict()`` and
@@ -170,7 +171,8 @@ class DataParallelModule(nn.Module):
         self._plan([[p for p in module.parameters() if p.requires_grad]])
         if self.compressed:
             self._strategy: Exchange = CompressedExchange(self.group, self.compression, self.generator,
-                                                          sharded=self.distributed_update)
+                                                          sharded=self.distributed_update,
+                                                          seed=seed * 1_000_003 + self.distribution.rank)
         elif self.distributed_update:
             self._strategy = ReduceScatterExchange(self.group)
         else:
@@ -321,6 +323,8 @@ class DataParallelModule(nn.Module):
         self._spent = []
         self._buffer_flat = self._buffer_work = None
         self._used_map = self._used_work = None
+        if isinstance(self._strategy, CompressedExchange):
+            self._strategy.step = self._step_index
         if self._threaded:
             self._scheduler.begin(self.buckets, self._step_index)
 

@@ -12,7 +12,9 @@
   splits its (undivided) bucket into ``P`` chunks, compresses them and sends chunk ``j`` to rank ``j``
   (all-to-all); rank ``j`` decompresses and averages its chunk in float32, compresses the average and
   all-gathers it (skipped with the distributed update, which keeps the averaged chunk). Error feedback, at both
-  phases: ``v = g + e; send C(v); e <- v - D(C(v))``.
+  phases: ``v = g + e; send C(v); e <- v - D(C(v))``. Stochastic rounding (int8) draws from a generator seeded
+  per (rank seed, step, bucket) before the bucket's first encode, so the result does not depend on the order in
+  which the communication thread happens to exchange the buckets (priority picks depend on timing).
 
 Every collective is non-blocking: :meth:`Exchange.start` appends the :class:`Pending` requests to
 ``bucket.works``; a compressed exchange blocks between its phases, so it runs on the communication thread.
@@ -90,9 +92,16 @@ class CompressedExchange(Exchange):
 
     blocks = True
 
-    def __init__(self, group: Group, compression: Compression, generator: torch.Generator, sharded: bool) -> None:
+    def __init__(self, group: Group, compression: Compression, generator: torch.Generator, sharded: bool,
+                 seed: int) -> None:
         super().__init__(group)
-        self.compression, self.generator, self.sharded = compression, generator, sharded
+        self.compression, self.generator, self.sharded, self.seed = compression, generator, sharded, seed
+        self.step = 0  # set by the module at the start of each step
+
+    def _reseed(self, b: Bucket) -> None:
+        # A fixed odd-multiplier mix of (seed, step, bucket): distinct streams per rank, step and bucket.
+        mixed = (self.seed * 0x9E3779B97F4A7C15 + self.step * 0xBF58476D1CE4E5B9 + b.index * 0x94D049BB133111EB)
+        self.generator.manual_seed(mixed % (1 << 63))
 
     @property
     def scale(self) -> float | None:
@@ -100,6 +109,7 @@ class CompressedExchange(Exchange):
 
     def start(self, b: Bucket, label: str, message_bytes: int) -> None:
         comp, parts, c = self.compression, self.parts, b.chunk
+        self._reseed(b)
         v = b.grad.to(torch.float32)
         if b.residual is not None:
             v = v + b.residual
