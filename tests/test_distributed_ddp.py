@@ -13,6 +13,8 @@ rounding. One spawn runs every case (torch starts once per rank).
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -73,14 +75,23 @@ class _Branchy(nn.Module):
         return self.head(h)
 
 
+def _tiny_gpt2() -> nn.Module:
+    """A one-layer GPT-2 from a config (no download): tied ``wte``/``lm_head``, a ``ModelOutput`` as output."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, use_cache=False)
+    return GPT2LMHeadModel(cfg)
+
+
 def _make(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    return {"bn": _BNNet, "lm": _TinyLM, "branchy": _Branchy}[kind]()
+    return {"bn": _BNNet, "lm": _TinyLM, "branchy": _Branchy, "gpt2": _tiny_gpt2}[kind]()
 
 
 def _data(kind: str, rank: int, step: int, micro: int = 0) -> tuple[tuple, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + 10 * step + micro)
-    if kind == "lm":
+    if kind in ("lm", "gpt2"):
         tokens = torch.randint(0, 11, (4, 7), generator=g)
         return (tokens[:, :-1],), tokens[:, 1:]
     x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -89,7 +100,8 @@ def _data(kind: str, rank: int, step: int, micro: int = 0) -> tuple[tuple, torch
     return (x,), y
 
 
-def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _loss(out, y: torch.Tensor) -> torch.Tensor:
+    out = getattr(out, "logits", out)  # HF models return a ModelOutput
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
@@ -199,6 +211,9 @@ CASES = {
     "sharded-sched-clip-bn": {"kind": "bn", "opt": _sgd, "sharded": True, "sched": True, "clip": 0.05, "state": True},
     "sharded-adamw-lm": {"kind": "lm", "opt": _adamw, "sharded": True, "sched": True, "state": True},
 }
+if importlib.util.find_spec("transformers") is not None:  # the test extra; without it these cases are left out
+    CASES["hf-gpt2-clip-unused-mode"] = {"kind": "gpt2", "opt": _adamw, "clip": 0.05, "unused": True}
+    CASES["hf-gpt2-no-sync"] = {"kind": "gpt2", "opt": _sgd, "accumulate": 1}
 SHARDED = {name for name, c in CASES.items() if c.get("sharded")}
 
 
