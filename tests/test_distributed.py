@@ -1,5 +1,5 @@
 """Single-process tests of leantrain.distributed: compression against ml_dtypes and closed forms, the bucket
-layout, DataParallel in a one-process world, statistics and the Chrome trace."""
+layout, DataParallelModule in a one-process world, statistics and the Chrome trace."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from leantrain.distributed import DataParallel, DataParallelHooks, Distribution, get_compression
+from leantrain.distributed import DataParallelHooks, DataParallelModule, Distribution, get_compression
 from leantrain.distributed.timeline import busy_time, write_chrome_trace
 
 
@@ -82,13 +82,99 @@ def test_bad_names_and_arguments_raise():
     with pytest.raises(ValueError, match="model_parts"):
         Distribution(1, 0)
     with pytest.raises(ValueError, match="bucket_mb"):
-        DataParallel(nn.Linear(2, 2), bucket_mb=0)
+        DataParallelModule(nn.Linear(2, 2), bucket_mb=0)
     with pytest.raises(TypeError, match="module"):
-        DataParallel("not a module")  # type: ignore[arg-type]
+        DataParallelModule("not a module")  # type: ignore[arg-type]
     m = nn.Linear(2, 2)
-    dp = DataParallel(m, distributed_update=True)
+    dp = DataParallelModule(m, distributed_update=True)
     with pytest.raises(ValueError, match="element-wise"):
         dp.optimizer(torch.optim.LBFGS(m.parameters()))
+    with pytest.raises(ValueError, match="broadcast_buffers"):
+        DataParallelModule(nn.Linear(2, 2), broadcast_buffers="sum")
+    with pytest.raises(ValueError, match="find_unused_parameters"):
+        DataParallelModule(nn.Linear(2, 2), distributed_update=True, find_unused_parameters=True)
+
+
+class _AdamSubclass(torch.optim.Adam):
+    pass
+
+
+def _refused() -> list:
+    out = [torch.optim.LBFGS, torch.optim.SparseAdam, _AdamSubclass]
+    out += [getattr(torch.optim, n) for n in ("Adafactor", "Muon") if hasattr(torch.optim, n)]
+    return out
+
+
+@pytest.mark.parametrize("cls", _refused(), ids=lambda c: c.__name__)
+def test_sharded_update_refuses_optimizers_outside_the_elementwise_allowlist_by_name(cls):
+    m = nn.Linear(4, 4, bias=False)
+    dp = DataParallelModule(m, distributed_update=True)
+    with pytest.raises(ValueError, match=f"{cls.__qualname__} is not on that list"):
+        dp.optimizer(cls(m.parameters()) if cls is not torch.optim.SparseAdam else cls(list(m.parameters())))
+
+
+def test_sharded_optimizer_is_an_optimizer_for_every_allowed_class_and_equals_the_plain_one():
+    from leantrain.distributed import ELEMENTWISE_OPTIMIZERS, ShardedOptimizer
+
+    for cls in ELEMENTWISE_OPTIMIZERS:
+        runs = []
+        for sharded in (False, True):
+            model = _net()
+            dp = DataParallelModule(model, bucket_mb=0.004, distributed_update=sharded)
+            opt = dp.optimizer(cls(model.parameters(), lr=0.01))
+            assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, ShardedOptimizer) == sharded
+            sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+            for step in range(3):
+                opt.zero_grad()
+                dp(torch.randn(4, 5, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+                opt.step()
+                sched.step()
+            runs.append([p.detach().clone() for p in model.parameters()])
+            dp.close()
+        for a, b in zip(*runs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=cls.__name__)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_unused_parameters_raise_by_default_and_keep_none_gradients_when_allowed():
+    from leantrain.distributed import UnusedParameterError
+
+    dp = DataParallelModule(_WithUnused())
+    with pytest.raises(UnusedParameterError, match="'unused.weight'.*find_unused_parameters=True") as info:
+        dp(torch.ones(2, 3)).sum().backward()
+    assert info.value.names == ["unused.bias", "unused.weight"]
+    with pytest.raises(UnusedParameterError):  # the module refuses to go on after a broken exchange
+        dp(torch.ones(2, 3))
+    model = _WithUnused()
+    dp = DataParallelModule(model, find_unused_parameters=True)
+    opt = dp.optimizer(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5))
+    before = model.unused.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        dp(torch.ones(2, 3)).sum().backward()
+        assert model.unused.weight.grad is None and model.used.weight.grad is not None
+        opt.step()
+    assert torch.equal(model.unused.weight, before)
+
+
+def test_averaged_gradient_is_in_param_grad_when_backward_returns_and_clipping_acts_on_it():
+    model = _net()
+    dp = DataParallelModule(model, bucket_mb=0.004)
+    dp(torch.randn(4, 5)).pow(2).sum().backward()
+    for p in model.parameters():  # a view of its bucket: the exchange completed inside backward
+        assert p.grad.data_ptr() == dp._view_of[p].data_ptr()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    assert norm > 1e-3
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert clipped == pytest.approx(1e-3, rel=1e-3)
 
 
 def _net() -> nn.Module:
@@ -98,7 +184,7 @@ def _net() -> nn.Module:
 
 def test_buckets_follow_reverse_registration_order_and_size():
     model = _net()
-    dp = DataParallel(model, bucket_mb=1300 * 4 / 2 ** 20)  # 1300 float32 per bucket
+    dp = DataParallelModule(model, bucket_mb=1300 * 4 / 2 ** 20)  # 1300 float32 per bucket
     names = [n for b in dp.layout() for n in b["params"]]
     assert names == [n for n, _ in model.named_parameters()][::-1]
     sizes = [b["numel"] for b in dp.layout()]
@@ -116,7 +202,7 @@ def test_single_process_data_parallel_equals_plain_training(kw):
     ref = _net()
     ropt = torch.optim.Adam(ref.parameters(), lr=0.01)
     model = _net()
-    dp = DataParallel(model, bucket_mb=0.004, trace=True, **kw)
+    dp = DataParallelModule(model, bucket_mb=0.004, trace=True, **kw)
     opt = dp.optimizer(torch.optim.Adam(model.parameters(), lr=0.01))
     for _ in range(3):
         ropt.zero_grad()
@@ -143,7 +229,7 @@ def test_single_process_data_parallel_equals_plain_training(kw):
 
 def test_chrome_trace_is_valid_json_with_compute_and_comm_lanes(tmp_path):
     model = _net()
-    dp = DataParallel(model, bucket_mb=0.004, trace=True)
+    dp = DataParallelModule(model, bucket_mb=0.004, trace=True)
     opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     for _ in range(2):
         opt.zero_grad()
@@ -297,3 +383,49 @@ def test_distributed_update_refuses_loss_scaling():
 
     with pytest.raises(ValueError, match="loss scaling"):
         DataParallelHooks(Distribution(), inner=PrecisionHooks("fp16-scaled"), distributed_update=True)
+
+
+def test_sharded_optimizer_state_dict_round_trip_continues_exactly_and_state_is_live():
+    def batch(step: int) -> torch.Tensor:
+        return torch.randn(4, 5, generator=torch.Generator().manual_seed(step))
+
+    def train(dp, opt, steps):
+        for step in steps:
+            opt.zero_grad()
+            dp(batch(step)).pow(2).mean().backward()
+            opt.step()
+
+    model = _net()
+    dp = DataParallelModule(model, bucket_mb=0.004, distributed_update=True)
+    opt = dp.optimizer(torch.optim.Adam(model.parameters(), lr=0.01))
+    train(dp, opt, range(2))
+    saved, weights = opt.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+    assert set(saved["state"]) == set(range(len(list(model.parameters()))))
+    assert all(s.shape == () or s.dim() == 1 for st in opt.state.values() for s in st.values())  # live: flat shards
+    train(dp, opt, range(2, 4))
+    model2 = _net()
+    model2.load_state_dict(weights)
+    dp2 = DataParallelModule(model2, bucket_mb=0.004, distributed_update=True)
+    opt2 = dp2.optimizer(torch.optim.Adam(model2.parameters(), lr=0.01))
+    opt2.load_state_dict(saved)
+    train(dp2, opt2, range(2, 4))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_stochastic_rounding_of_compressed_exchange_does_not_depend_on_the_exchange_order():
+    # priority sends the highest-index ready bucket first, FIFO the lowest: with rounding streams seeded per
+    # (rank, step, bucket) the int8 results agree bitwise; with one shared stream they would not
+    grads = []
+    for kw in ({"priority": True}, {"priority": False}, {"priority": False, "overlap": False}):
+        model = _net()
+        dp = DataParallelModule(model, bucket_mb=0.002, compression="int8", **kw)
+        for step in range(2):
+            model.zero_grad()
+            dp(torch.randn(4, 5, generator=torch.Generator().manual_seed(step))).pow(2).sum().backward()
+        assert len(dp.buckets) >= 3
+        grads.append([p.grad.clone() for p in model.parameters()])
+        dp.close()
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)

@@ -21,8 +21,8 @@ from torch import nn
 
 from leantrain.distributed import (
     ColumnParallelLinear,
-    DataParallel,
     DataParallelHooks,
+    DataParallelModule,
     Distribution,
     RowParallelLinear,
     SpawnError,
@@ -66,7 +66,7 @@ def _dp_run(rank: int, ws: int, d: Distribution, kind: str, **kw) -> tuple[list[
     set_to_none = kw.pop("set_to_none", True)  # False: backward accumulates straight into the buckets
     message_bytes = kw.pop("message_bytes", None)  # all-reduce buckets in pieces of this many bytes
     model = _mlp()
-    dp = DataParallel(model, d, bucket_mb=0.001, **kw)  # ~1 KB buckets: several buckets for this tiny MLP
+    dp = DataParallelModule(model, d, bucket_mb=0.001, **kw)  # ~1 KB buckets: several buckets for this tiny MLP
     if message_bytes:
         dp.MESSAGE_BYTES = message_bytes
     opt = dp.optimizer(_optimizer(kind, model.parameters()))
@@ -94,9 +94,11 @@ class _NetWithUnused(nn.Module):
 
 
 def _averaging_worker(rank: int, ws: int, d: Distribution) -> dict:
-    """DataParallel's averaged gradients and buffers vs the oracle ``dist.all_reduce(local) / ws``, in float32,
+    """DataParallelModule's averaged gradients and buffers vs the oracle ``dist.all_reduce(local) / ws``, in float32,
     for every way a gradient reaches a bucket: copied (fresh ``param.grad``), accumulated into the bucket
-    (``set_to_none=False``), late (``exchange_gradients``, a parameter unused by forward but with a gradient)."""
+    (``set_to_none=False``), explicit (``exchange_gradients``, a parameter unused by forward but with a gradient).
+    With backward, the module that forward never calls is found unused (``find_unused_parameters``) and keeps
+    ``grad`` None on every rank, as with DDP."""
     import torch.distributed as dist
 
     def net() -> nn.Module:
@@ -117,7 +119,10 @@ def _averaging_worker(rank: int, ws: int, d: Distribution) -> dict:
         set_to_none, by_autograd = kw.pop("set_to_none", True), kw.pop("autograd", False)
         message_bytes = kw.pop("message_bytes", None)
         model, local = net(), net()
-        dp = DataParallel(model, d, bucket_mb=0.00005, **kw)  # 52 B: many buckets, the first mixes used and unused
+        if not by_autograd:
+            kw["find_unused_parameters"] = True
+        kw["broadcast_buffers"] = "average"
+        dp = DataParallelModule(model, d, bucket_mb=0.00005, **kw)  # 52 B: many buckets, the first mixes used and unused
         if message_bytes:  # buckets all-reduced in pieces that cut through parameters
             dp.MESSAGE_BYTES = message_bytes
         mismatches = []
@@ -128,7 +133,8 @@ def _averaging_worker(rank: int, ws: int, d: Distribution) -> dict:
             local.load_state_dict(model.state_dict())
             loss_local = local(x).pow(2).sum()
             grads = torch.autograd.grad(loss_local, [p for n, p in local.named_parameters() if not n.startswith("unused")])
-            expect = [oracle(t) for t in grads] + [oracle(stale), oracle(torch.zeros_like(model.unused.bias))]
+            expect = [oracle(t) for t in grads]
+            expect += [oracle(stale), oracle(torch.zeros_like(model.unused.bias))] if by_autograd else [None, None]
             expect_buffers = [oracle(b) for b in local.buffers() if b.is_floating_point()]
             if step > 0:
                 for p in model.parameters():
@@ -144,15 +150,10 @@ def _averaging_worker(rank: int, ws: int, d: Distribution) -> dict:
                 model.unused.weight.grad = stale.clone()
                 dp.exchange_gradients()
             else:
-                loss.backward()
-                w = model.unused.weight
-                if w.grad is None or set_to_none:
-                    w.grad = stale.clone()
-                else:  # the bucket view from the last step: a gradient that is in the bucket already
-                    w.grad.copy_(stale)
-                dp.finish()
+                loss.backward()  # the averaged gradients are in param.grad when backward returns
             got = [p.grad for p in model.parameters()]
-            mismatches += [i for i, (a, b) in enumerate(zip(got, expect)) if a is None or not torch.equal(a, b)]
+            mismatches += [i for i, (a, b) in enumerate(zip(got, expect))
+                           if (a is None) != (b is None) or (a is not None and not torch.equal(a, b))]
             bufs = [b for b in model.buffers() if b.is_floating_point()]
             mismatches += [f"buffer {i}" for i, (a, b) in enumerate(zip(bufs, expect_buffers)) if not torch.equal(a, b)]
         results[tuple(sorted(mode.items()))] = (mismatches, len(dp.buckets))
@@ -203,7 +204,7 @@ def _two_rank_worker(rank: int, ws: int, resume_dir: str) -> dict:
     for comp, ef in (("sign", True), ("sign", False), ("int8", True), ("none", False)):
         model = nn.Linear(20, 1, bias=False)
         nn.init.zeros_(model.weight)
-        dp = DataParallel(model, d, compression=comp, error_feedback=ef)
+        dp = DataParallelModule(model, d, compression=comp, error_feedback=ef)
         opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.05))
         for _ in range(250):
             opt.zero_grad()
@@ -345,7 +346,7 @@ def _hybrid_model(d: Distribution | None) -> nn.Module:
 def _hybrid_worker(rank: int, ws: int) -> dict:
     d = Distribution(2, 2, timeout_s=30)
     model = _hybrid_model(d)
-    dp = DataParallel(model, d, bucket_mb=0.0005)
+    dp = DataParallelModule(model, d, bucket_mb=0.0005)
     opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     X, Y = _batches()
     b = X.shape[1] // d.data_size
@@ -385,7 +386,7 @@ def test_hybrid_two_by_two_on_four_processes():
 def _dies_mid_training(rank: int, ws: int) -> None:
     d = Distribution(timeout_s=8)
     model = _mlp()
-    dp = DataParallel(model, d)
+    dp = DataParallelModule(model, d)
     opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     X, Y = _batches()
     for step, (x, y) in enumerate(zip(X, Y)):

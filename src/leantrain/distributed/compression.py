@@ -18,7 +18,7 @@ name          payload (bytes for n values)               decode
 
 The int8 scale is a power of two so that ``x / s`` is exact and the stochastic rounding is exactly
 unbiased: ``E[decode(encode(x))] = x``, with ``|error| < s <= 2 max|x| / 127`` per element. ``sign`` is biased
-(that is what error feedback repairs, see :class:`leantrain.distributed.DataParallel`). Non-finite input
+(that is what error feedback repairs, see :class:`leantrain.distributed.DataParallelModule`). Non-finite input
 propagates: an inf or NaN in a row makes the decoded row non-finite (int8: NaN), so an overflow check after the
 exchange (loss scaling) still sees it. An all-zero row decodes to zeros.
 """

@@ -125,14 +125,14 @@ def profile_model(model: nn.Module, example: torch.Tensor, target: torch.Tensor,
                   name: str = "model") -> ModelProfile:
     """Measure forward, backward (with per-bucket readiness) and update of one SGD step in this process.
 
-    Buckets are laid out as :class:`~leantrain.distributed.DataParallel` would (same code, a one-process
+    Buckets are laid out as :class:`~leantrain.distributed.DataParallelModule` would (same code, a one-process
     world). Medians over ``steps`` after one warm-up step.
     """
     from leantrain.distributed.compression import get_compression
-    from leantrain.distributed.data_parallel import DataParallel
+    from leantrain.distributed.data_parallel import DataParallelModule
 
     loss_fn = loss_fn or nn.functional.cross_entropy
-    dp = DataParallel(model, bucket_mb=bucket_mb, broadcast=False)
+    dp = DataParallelModule(model, bucket_mb=bucket_mb, broadcast=False)
     opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
     fwd, bwd, upd, ready = [], [], [], []
     for i in range(steps + 1):

@@ -5,13 +5,14 @@ one machine, so the ranks' spans line up in one trace; across machines each rank
 
 Definitions used by :class:`StepStats` (one training step, from the first forward to the end of the update):
 
-- ``compute_s``: first forward call to the moment ``finish()`` is called (forward + backward; communication
-  started during backward overlaps this);
+- ``compute_s``: first forward call to the end of backward (forward + backward; communication started during
+  backward overlaps this);
 - ``comm_s``: length of the union of the step's ``[launch, completion]`` intervals of every collective (time
   the link was busy with this step's messages);
-- ``exposed_comm_s``: how long ``finish()`` blocked, i.e. communication not hidden behind backward;
+- ``exposed_comm_s``: how long the end of backward waited for the exchange, i.e. communication not hidden behind
+  backward;
 - ``update_s``: the optimizer step (with the distributed update: shard update + parameter all-gather);
-- ``first_bucket_s``: from the call of ``finish()`` to the completion of the highest-priority bucket (the
+- ``first_bucket_s``: from the end of backward to the completion of the highest-priority bucket (the
   parameters the next forward needs first);
 - ``first_done_s``: from the first forward to that completion: when the next forward could start on the first
   layers, whatever share of the exchange ran during backward (what priority scheduling shortens).

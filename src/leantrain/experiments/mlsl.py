@@ -137,7 +137,7 @@ def _lstsq(world: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _compression_worker(rank: int, world: int, epochs: int, batch: int, convex_steps: int) -> dict[str, Any]:
     from leantrain.data import load_dataset
-    from leantrain.distributed import DataParallel, DataParallelHooks, Distribution
+    from leantrain.distributed import DataParallelHooks, DataParallelModule, Distribution
     from leantrain.models import LeNet
     from leantrain.train import fit
 
@@ -160,7 +160,7 @@ def _compression_worker(rank: int, world: int, epochs: int, batch: int, convex_s
     for comp, ef in (("none", False), ("sign", True), ("sign", False), ("int8", True), ("int8", False)):
         model = nn.Linear(20, 1, bias=False)
         nn.init.zeros_(model.weight)
-        dp = DataParallel(model, d, compression=comp, error_feedback=ef)
+        dp = DataParallelModule(model, d, compression=comp, error_feedback=ef)
         opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.05))
         trail = []
         for _ in range(convex_steps):
@@ -259,7 +259,7 @@ def _cores() -> int:
 def _scaling_worker(rank: int, world: int, width: int, batch: int, steps: int, sizes: list[int]) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from leantrain.distributed import DataParallel, Distribution
+    from leantrain.distributed import DataParallelModule, Distribution
     from leantrain.distributed.timeline import summarize
     from leantrain.models import resnet20
 
@@ -271,7 +271,7 @@ def _scaling_worker(rank: int, world: int, width: int, batch: int, steps: int, s
     for label, kw in (("overlap", {}), ("no overlap", {"overlap": False})):
         torch.manual_seed(0)
         m = resnet20(width=width)
-        dp = DataParallel(m, d, bucket_mb=0.25, priority=False, **kw)
+        dp = DataParallelModule(m, d, bucket_mb=0.25, priority=False, **kw)
         opt = dp.optimizer(torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
         times = []
         for _ in range(steps + 1):
@@ -428,7 +428,7 @@ def _compute_only(width: int, x: torch.Tensor, y: torch.Tensor, steps: int, barr
 
 def _scaling_worker_local(width: int, batch: int, steps: int) -> dict[str, Any]:
     """The one-process measurement (no process group: a one-rank world)."""
-    from leantrain.distributed import DataParallel
+    from leantrain.distributed import DataParallelModule
     from leantrain.distributed.timeline import summarize
     from leantrain.models import resnet20
 
@@ -439,7 +439,7 @@ def _scaling_worker_local(width: int, batch: int, steps: int) -> dict[str, Any]:
     for label, kw in (("overlap", {}), ("no overlap", {"overlap": False})):
         torch.manual_seed(0)
         m = resnet20(width=width)
-        dp = DataParallel(m, bucket_mb=0.25, priority=False, **kw)
+        dp = DataParallelModule(m, bucket_mb=0.25, priority=False, **kw)
         opt = dp.optimizer(torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
         times = []
         for _ in range(steps + 1):
