@@ -162,6 +162,8 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend:
         if status == "ok":
             outcomes.append("ok")
             errors.append("")
+            # Not a user's file: the bytes come from our own child process through the result queue, which has
+            # already unpickled the tuple that carries them; return values may be any picklable object.
             values.append(torch.load(io.BytesIO(payload), weights_only=False))
         else:
             failed = True
