@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from leantrain.optim.objective import BatchLoss, WorkCounter, flatten
+from leantrain.numerics.flat import flatten, named_views, set_flat_
+from leantrain.optim.objective import BatchLoss, WorkCounter
 
 __all__ = ["Problem", "make_problem", "synthetic_logistic", "reference_optimum", "binary_logistic_loss",
            "cross_entropy_loss", "load_split", "PROBLEMS"]
@@ -98,11 +99,7 @@ class Problem:
         return flatten([p.detach() for p in self.parameters()])
 
     def set_flat_weights(self, w: torch.Tensor) -> None:
-        with torch.no_grad():
-            offset = 0
-            for p in self.parameters():
-                p.copy_(w[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        set_flat_(self.parameters(), w)
 
     def weights(self) -> dict[str, list]:
         """The parameters by name, as nested lists (the final weights of a linear model)."""
@@ -260,9 +257,7 @@ def _objective_at(problem: Problem, obj: BatchLoss, w: torch.Tensor) -> torch.Te
     """``F(w)`` as a function of the flat weights (for the dense Hessian)."""
     from torch.func import functional_call
 
-    named, offset = {}, 0
-    for name, p in problem.model.named_parameters():
-        named[name] = w[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
+    names, params = zip(*problem.model.named_parameters())
+    named = named_views(w, names, params)
     losses = problem.loss_fn(functional_call(problem.model, named, (problem.x_train,)), problem.y_train)
     return losses.mean() + obj.penalty(named)
