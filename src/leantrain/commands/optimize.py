@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--l2", type=float, default=None, help="L2 coefficient on the weights, biases excluded (default 1/n)")
     p.add_argument("--nproc", type=int, default=1, help="local processes for DANCE (gloo on CPU; default 1)")
     p.add_argument("--max-passes", type=float, default=20.0, help="budget in effective passes over the data (default 20)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="stop once the full training objective's gradient norm is <= TOL (default: none; DANCE then "
+                        "ends at the full set's statistical accuracy, torch L-BFGS at its own tolerances). The JSON "
+                        "field 'stopped' says why a run ended: tol, converged, budget or diverged")
     p.add_argument("--batch-size", type=int, default=None,
                    help="PBQN initial sample size (default 64) or SGD/Adam batch size (default 32)")
     p.add_argument("--lr", type=float, default=None, help="SGD step (default: tuned over 0.01, 0.1, 1) or Adam lr (1e-3)")
@@ -34,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training samples")
     add_common(p, out="results/optimize")
     p.set_defaults(func=run)
+
+
+_STOPPED = {"tol": "gradient norm <= --tol", "converged": "the method's own convergence test",
+            "budget": "budget exhausted (--max-passes) before convergence", "diverged": "diverged"}
 
 
 def _method_kwargs(args: argparse.Namespace) -> dict:
@@ -47,6 +55,8 @@ def _method_kwargs(args: argparse.Namespace) -> dict:
             kw["grid" if args.method == "sgd" else "lr"] = (args.lr,) if args.method == "sgd" else args.lr
     if args.method == "dance":
         kw["initial_samples"] = args.initial_samples
+    if args.method in ("dance", "newton-cg") and args.tol is not None:
+        kw["final_gradient_tol"] = args.tol
     return kw
 
 
@@ -63,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.max_passes <= 0:
         raise ValueError(f"--max-passes must be > 0, got {args.max_passes}")
+    if args.tol is not None and not args.tol > 0:
+        raise ValueError(f"--tol must be > 0, got {args.tol}")
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if (args.nproc > 1 or torchrun) and args.method != "dance":
         raise ValueError(f"--nproc > 1 / torchrun is for --method dance only, not {args.method!r}")
@@ -103,11 +115,14 @@ def run(args: argparse.Namespace) -> int:
             return False
 
         try:
-            trace = run_method(args.method, problem, max_passes=args.max_passes, seed=args.seed, stop=progress, **kwargs)
+            trace = run_method(args.method, problem, max_passes=args.max_passes, seed=args.seed, stop=progress,
+                               tol=args.tol, **kwargs)
         finally:
             bar.close()
     final = trace.records[-1]
+    stopped = "tol" if args.tol is not None and final["grad_norm"] <= args.tol else trace.stopped
     data = {
+        "stopped": stopped, "tol": args.tol,
         "method": args.method, "problem": args.problem, "dataset": str(args.dataset), "l2": problem.l2,
         "n_train": problem.n, "dim": problem.info["dim"], "nproc": args.nproc if not torchrun else "torchrun",
         "final_objective": final["objective"], "final_grad_norm": final["grad_norm"],
@@ -122,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     sub = "" if optimum is None else f", F - F* = {data['suboptimality']:.3e}"
     text = (f"{args.method} on {problem.name} (n={problem.n}, l2={problem.l2:.3g}): F = {data['final_objective']:.8g}"
             f"{sub}, |grad F| = {data['final_grad_norm']:.3e}, test accuracy {data['final_test_accuracy']:.4f}, "
-            f"{data['passes']:.2f} passes, {data['wall_time']:.2f} s\nwritten {out}")
+            f"{data['passes']:.2f} passes, {data['wall_time']:.2f} s, stopped: {_STOPPED.get(stopped, stopped)}"
+            f"\nwritten {out}")
     emit(args, data, text)
     return 0

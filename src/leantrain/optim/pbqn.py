@@ -77,7 +77,7 @@ from leantrain.optim.objective import BatchLoss, IndexClosure
 from leantrain.optim.sampler import ProgressiveSampler, overlap_size
 
 __all__ = ["PBQN", "two_loop", "quadratic_forms", "powell_damping", "SampleTest", "inner_product_test", "variance_test",
-           "orthogonality_test", "initial_steplength", "finite_population_correction", "chunk_bounds"]
+           "orthogonality_test", "initial_steplength", "finite_population_correction", "chunk_bounds", "chunk_seed"]
 
 
 def two_loop(vectors: torch.Tensor, s_list: list[torch.Tensor], y_list: list[torch.Tensor], gamma: float) -> torch.Tensor:
@@ -221,6 +221,12 @@ def chunk_bounds(batch_size: int, groups: int, cuts: Iterable[int] = ()) -> list
     return [(lo, hi) for lo, hi in zip(e[:-1], e[1:]) if hi > lo]
 
 
+def chunk_seed(seed: int, iteration: int, chunk: int) -> int:
+    """The global-RNG seed under which PBQN evaluates micro-batch ``chunk`` in ``iteration``:
+    ``(seed * 1000003 + iteration * 7919 + chunk) mod (2^63 - 1)``."""
+    return (int(seed) * 1_000_003 + int(iteration) * 7919 + int(chunk)) % (2**63 - 1)
+
+
 _COUNTERS = ("iterations", "pairs_stored", "pairs_skipped", "pairs_damped", "backtracks", "alpha0_accepted",
              "line_search_failures", "test_failures", "memory_resets")
 
@@ -254,7 +260,7 @@ class PBQN(Optimizer):
         full_fraction: when the requested size reaches ``full_fraction * n`` the sample becomes the
             whole data set (in (0, 1]; default 0.5), where the trial point's gradient is reused.
         seed: base seed of the per-iteration random state (dropout masks): every evaluation of
-            micro-batch ``j`` in iteration ``k`` runs under ``torch.manual_seed(seed, k, j)``
+            micro-batch ``j`` in iteration ``k`` runs under ``torch.manual_seed(chunk_seed(seed, k, j))``
             (inside ``torch.random.fork_rng``), so the line search compares one function.
     """
 
@@ -375,10 +381,9 @@ class PBQN(Optimizer):
     def _seeded(self, chunk: int):
         """A forked global RNG seeded for micro-batch ``chunk`` of this iteration (same dropout masks
         at ``x_k`` and at every trial point)."""
-        group = self.param_groups[0]
         ctx = torch.random.fork_rng(devices=[])
         ctx.__enter__()
-        torch.manual_seed((group["seed"] * 1_000_003 + self._state["iterations"] * 7919 + chunk) % (2**63 - 1))
+        torch.manual_seed(chunk_seed(self.param_groups[0]["seed"], self._state["iterations"], chunk))
         return ctx
 
     def _chunk_evals(self, closure, chunks: list[tuple[int, int]], with_grad: bool):
@@ -386,6 +391,7 @@ class PBQN(Optimizer):
         out = []
         for j, (lo, hi) in enumerate(chunks):
             ctx = self._seeded(j)
+            seeded = torch.random.get_rng_state()
             try:
                 rows = torch.arange(lo, hi)
                 if with_grad:
@@ -394,23 +400,32 @@ class PBQN(Optimizer):
                     out.append((f.detach(), g.detach()))
                 else:
                     out.append((closure.value(rows) * (hi - lo), None))
+                if not self._state.get("random_model") and not torch.equal(seeded, torch.random.get_rng_state()):
+                    self._state["random_model"] = True  # dropout & co: the loss depends on the iteration's seed
             finally:
                 ctx.__exit__(None, None, None)
         return out
 
-    def _groups_gradients(self, closure, a: int, c: int):
+    def _groups_gradients(self, closure, a: int, c: int, need_overlap: bool):
         """Loss, gradient, part sums and scaled micro-batch deviations (``variance="groups"``)."""
         b = len(closure)
         full = b == self.sampler.num_samples
-        chunks = chunk_bounds(b, self.param_groups[0]["groups"], (a, b - c))
+        groups = self.param_groups[0]["groups"]
+        # on the whole data set the split is fixed, so every full iteration (and the trial gradient it
+        # reuses) sees the same function even with BatchNorm; the overlap there is evaluated on its own
+        chunks = chunk_bounds(b, groups) if full else chunk_bounds(b, groups, (a, b - c))
         evals = self._chunk_evals(closure, chunks, True)
         loss = sum(f for f, _ in evals) / b
         g = sum(gs for _, gs in evals) / b
         sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, (lo, hi) in {"A": (0, a), "C": (b - c, b)}.items():
-            mine = [e for (clo, chi), e in zip(chunks, evals) if lo <= clo and chi <= hi]
-            if hi > lo:
-                sums[name] = (sum(f for f, _ in mine), sum(gs for _, gs in mine))
+        if full:
+            if a > 0 and need_overlap:
+                sums["A"] = self._chunk_evals(closure, [(0, a)], True)[0]
+        else:
+            for name, (lo, hi) in {"A": (0, a), "C": (b - c, b)}.items():
+                mine = [e for (clo, chi), e in zip(chunks, evals) if lo <= clo and chi <= hi]
+                if hi > lo:
+                    sums[name] = (sum(f for f, _ in mine), sum(gs for _, gs in mine))
         if full or len(chunks) < 2:
             return loss, g, sums, g.new_zeros(0, g.numel()), 0, (chunks, evals)
         # z_j = sqrt(m_j) (G_j - g): sum_j z_j z_j^T / (r - 1) estimates the per-sample covariance
@@ -497,13 +512,14 @@ class PBQN(Optimizer):
         cache = st.pop("full_cache", None)
         pending = st.pop("pending", None)
         chunked = None
-        if (b == n and cache is not None and (not mb or (pending is not None and pending["full"] is not None))
+        if (b == n and cache is not None and not st.get("random_model") and (not mb or (pending is not None and pending["full"] is not None))
                 and torch.equal(cache["w"], flatten([q.detach() for q in params]))):
             # the accepted trial point of the last iteration was evaluated on the whole data set
             loss, g, sums = cache["loss"], cache["g"], {}
             centered, dof = g.new_zeros(0, g.numel()), 0
         elif groups_mode:
-            loss, g, sums, centered, dof, chunked = self._groups_gradients(closure, a, c)
+            need_overlap = mb and pending is not None and pending["full"] is None
+            loss, g, sums, centered, dof, chunked = self._groups_gradients(closure, a, c, need_overlap)
         else:
             with torch.enable_grad():
                 loss, g, sums, centered, dof, _ = self._per_sample_gradients(closure, a, c, group["variance_samples"])

@@ -345,22 +345,45 @@ def run_lbfgs(problem: Problem, *, max_passes: float = 100.0, history_size: int 
     return trace
 
 
-def run_method(method: str, problem: Problem, *, max_passes: float = 20.0, seed: int = 0, **kwargs: Any) -> Trace:
+def run_method(method: str, problem: Problem, *, max_passes: float = 20.0, seed: int = 0, tol: float | None = None,
+               stop: Stop | None = None, **kwargs: Any) -> Trace:
     """Dispatch by name: ``pbqn``, ``dance``, ``newton-cg``, ``sgd`` (tuned over :data:`SGD_GRID`),
-    ``adam``, ``lbfgs``."""
+    ``adam``, ``lbfgs``.
+
+    ``tol``: stop as soon as a record's full-objective gradient norm ``||grad F(w)|| <= tol``
+    (then ``trace.stopped == "tol"``); DANCE and Newton-CG also get it as ``final_gradient_tol``,
+    so their last stage does not end at its statistical accuracy before it.
+    """
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    met = {"tol": False}
+
+    def rule(rec: dict[str, Any]) -> bool:
+        user = bool(stop(rec)) if stop is not None else False
+        if tol is not None and rec["grad_norm"] <= tol:
+            met["tol"] = True
+            return True
+        return user
+
+    if tol is not None and method in ("dance", "newton-cg"):
+        kwargs.setdefault("final_gradient_tol", tol)
     if method == "pbqn":
-        return run_pbqn(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "dance":
-        return run_dance(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "newton-cg":
-        return run_newton_cg(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "sgd":
-        return tune_sgd(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "adam":
-        return run_adam(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "lbfgs":
-        return run_lbfgs(problem, max_passes=max_passes, **kwargs)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        trace = run_pbqn(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "dance":
+        trace = run_dance(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "newton-cg":
+        trace = run_newton_cg(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "sgd":
+        trace = tune_sgd(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "adam":
+        trace = run_adam(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "lbfgs":
+        trace = run_lbfgs(problem, max_passes=max_passes, stop=rule, **kwargs)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if met["tol"] and trace.stopped in ("stop", "converged"):
+        trace.stopped = "tol"
+    return trace
 
 
 # -- distributed DANCE -------------------------------------------------------------------------
