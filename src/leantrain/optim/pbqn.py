@@ -512,7 +512,8 @@ class PBQN(Optimizer):
         cache = st.pop("full_cache", None)
         pending = st.pop("pending", None)
         chunked = None
-        if (b == n and cache is not None and not st.get("random_model") and (not mb or (pending is not None and pending["full"] is not None))
+        if (b == n and cache is not None and not st.get("random_model")
+                and (not mb or (pending is not None and pending["full"] is not None))
                 and torch.equal(cache["w"], flatten([q.detach() for q in params]))):
             # the accepted trial point of the last iteration was evaluated on the whole data set
             loss, g, sums = cache["loss"], cache["g"], {}
