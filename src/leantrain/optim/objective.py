@@ -125,6 +125,8 @@ class BatchLoss:
         if losses.shape != (len(x),):
             raise ValueError(f"loss_fn must return per-sample losses of shape ({len(x)},), got {tuple(losses.shape)}; "
                              "use reduction='none'")
+        if self.l2 == 0.0:
+            return losses
         return losses + self.penalty(dict(self.model.named_parameters()))
 
     def losses(self, rows: Rows = None) -> torch.Tensor:

@@ -65,6 +65,7 @@ through ``state_dict()``/``load_state_dict()``, together with the sampler's stat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -252,7 +253,7 @@ class PBQN(Optimizer):
             dropout in ``train()`` mode work, and any closure), or ``"per-sample"`` from exact
             per-sample gradients by ``torch.func.vmap`` (needs a :class:`BatchLoss` and a model
             without batch-coupled or random layers).
-        groups: number of micro-batches ``r`` (>= 2; default 16).
+        groups: number of micro-batches ``r`` (>= 2; default 8).
         variance_samples: cap on ``|V_k|`` for ``variance="per-sample"`` (>= 2; default 512).
         debias: use the debiased ``g^T H g`` in the test (default False: the paper's plain test;
             see docs/optim.md for the measurement behind the default).
@@ -261,13 +262,13 @@ class PBQN(Optimizer):
             whole data set (in (0, 1]; default 0.5), where the trial point's gradient is reused.
         seed: base seed of the per-iteration random state (dropout masks): every evaluation of
             micro-batch ``j`` in iteration ``k`` runs under ``torch.manual_seed(chunk_seed(seed, k, j))``
-            (inside ``torch.random.fork_rng``), so the line search compares one function.
+            (the generators' states are restored afterwards), so the line search compares one function.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], sampler: ProgressiveSampler, *, lr: float = 1.0,
                  history_size: int = 10, theta: float = 0.9, test: str = "inner", nu: float = 5.67,
                  curvature: str = "multi-batch", update: str = "skip", eps: float = 1e-8, c1: float = 1e-4,
-                 tau: float = 0.5, max_backtracks: int = 10, variance: str = "groups", groups: int = 16,
+                 tau: float = 0.5, max_backtracks: int = 10, variance: str = "groups", groups: int = 8,
                  variance_samples: int = 512, debias: bool = True, max_growth: float | None = 2.0,
                  full_fraction: float = 0.5, seed: int = 0) -> None:
         if not isinstance(sampler, ProgressiveSampler):
@@ -314,6 +315,7 @@ class PBQN(Optimizer):
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
         self.sampler = sampler
         self.log: list[dict[str, Any]] = []
+        self._indicators: dict[Any, torch.Tensor] = {}
         st = self._state
         st.setdefault("s", [])
         st.setdefault("y", [])
@@ -378,33 +380,86 @@ class PBQN(Optimizer):
         return status
 
     # -- evaluations ---------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _seeded(self, chunk: int):
-        """A forked global RNG seeded for micro-batch ``chunk`` of this iteration (same dropout masks
-        at ``x_k`` and at every trial point)."""
-        ctx = torch.random.fork_rng(devices=[])
-        ctx.__enter__()
-        torch.manual_seed(chunk_seed(self.param_groups[0]["seed"], self._state["iterations"], chunk))
-        return ctx
+        """The global generators of the parameters' device (and the CPU's) seeded for micro-batch
+        ``chunk`` of this iteration, restored afterwards: the same dropout masks at ``x_k`` and at
+        every trial point. Marks the model random when an evaluation draws from them."""
+        gens = [torch.default_generator]
+        dev = self._params[0].device
+        if dev.type == "cuda":
+            gens.append(torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()])
+        saved = [g.get_state() for g in gens]
+        seed = chunk_seed(self.param_groups[0]["seed"], self._state["iterations"], chunk)
+        for g in gens:
+            g.manual_seed(seed)
+        seeded = [g.get_state() for g in gens]
+        try:
+            yield
+        finally:
+            if not self._state.get("random_model") and any(not torch.equal(a, g.get_state())
+                                                           for a, g in zip(seeded, gens)):
+                self._state["random_model"] = True  # dropout & co: the loss depends on the iteration's seed
+            for g, st in zip(gens, saved):
+                g.set_state(st)
 
     def _chunk_evals(self, closure, chunks: list[tuple[int, int]], with_grad: bool):
-        """``[(loss sum, gradient sum or None)]`` per micro-batch, each under its seeded RNG."""
-        out = []
+        """``(loss sums [r], gradient sums [r, D] or None)`` of the micro-batches, each under its seeded RNG."""
+        if isinstance(closure, BatchLoss):
+            return self._batch_evals(closure, chunks, with_grad)
+        fs, gs = [], []
         for j, (lo, hi) in enumerate(chunks):
-            ctx = self._seeded(j)
-            seeded = torch.random.get_rng_state()
-            try:
+            with self._seeded(j):
                 rows = torch.arange(lo, hi)
                 if with_grad:
                     with torch.enable_grad():
                         f, g = closure.gradient(self._params, rows, reduction="sum")
-                    out.append((f.detach(), g.detach()))
+                    fs.append(f.detach())
+                    gs.append(g.detach())
                 else:
-                    out.append((closure.value(rows) * (hi - lo), None))
-                if not self._state.get("random_model") and not torch.equal(seeded, torch.random.get_rng_state()):
-                    self._state["random_model"] = True  # dropout & co: the loss depends on the iteration's seed
-            finally:
-                ctx.__exit__(None, None, None)
-        return out
+                    fs.append(closure.value(rows) * (hi - lo))
+        return torch.stack(fs), (torch.stack(gs) if with_grad else None)
+
+    def _batch_evals(self, closure: BatchLoss, chunks: list[tuple[int, int]], with_grad: bool):
+        """:meth:`_chunk_evals` for a :class:`BatchLoss`: one forward pass over the rows the chunks cover
+        (the model in its own mode: BatchNorm normalizes over those rows together), per-sample losses,
+        and the chunks' gradient sums from one backward pass batched over the chunks' 0/1 indicator
+        cotangents (``is_grads_batched``), or one backward per chunk on the same graph if the model's
+        backward does not batch."""
+        lo0, hi0 = chunks[0][0], chunks[-1][1]
+        rows = torch.arange(lo0, hi0)
+        m = hi0 - lo0
+        with self._seeded(0), torch.enable_grad():
+            losses = closure.losses(rows if m < len(closure) else None)
+            if closure.counter is not None:
+                if with_grad:
+                    closure.counter.gradients += m
+                else:
+                    closure.counter.functions += m
+            if not with_grad:
+                return losses.detach().sum().reshape(1), None
+            key = (tuple(chunks), losses.dtype, losses.device)
+            ind = self._indicators.get(key)
+            if ind is None:
+                ind = losses.new_zeros(len(chunks), m)
+                for j, (lo, hi) in enumerate(chunks):
+                    ind[j, lo - lo0:hi - lo0] = 1.0
+                self._indicators = {key: ind}  # batches repeat their layout; keep the last one
+            sums = ind @ losses.detach()
+            try:
+                parts = torch.autograd.grad(losses, self._params, grad_outputs=ind, is_grads_batched=True,
+                                            allow_unused=True, retain_graph=True)
+                grads = torch.cat([torch.zeros(len(chunks), p.numel(), dtype=p.dtype, device=p.device) if t is None
+                                   else t.reshape(len(chunks), -1) for p, t in zip(self._params, parts)], 1)
+            except RuntimeError:
+                rowsg = []
+                for j in range(len(chunks)):
+                    parts = torch.autograd.grad(losses, self._params, grad_outputs=ind[j], allow_unused=True,
+                                                retain_graph=True)
+                    rowsg.append(flatten([torch.zeros_like(p) if t is None else t
+                                          for p, t in zip(self._params, parts)]))
+                grads = torch.stack(rowsg)
+        return sums, grads.detach()
 
     def _groups_gradients(self, closure, a: int, c: int, need_overlap: bool):
         """Loss, gradient, part sums and scaled micro-batch deviations (``variance="groups"``)."""
@@ -414,23 +469,24 @@ class PBQN(Optimizer):
         # on the whole data set the split is fixed, so every full iteration (and the trial gradient it
         # reuses) sees the same function even with BatchNorm; the overlap there is evaluated on its own
         chunks = chunk_bounds(b, groups) if full else chunk_bounds(b, groups, (a, b - c))
-        evals = self._chunk_evals(closure, chunks, True)
-        loss = sum(f for f, _ in evals) / b
-        g = sum(gs for _, gs in evals) / b
+        fsum, gsum = self._chunk_evals(closure, chunks, True)
+        loss, g = fsum.sum() / b, gsum.sum(0) / b
         sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if full:
             if a > 0 and need_overlap:
-                sums["A"] = self._chunk_evals(closure, [(0, a)], True)[0]
+                fa, ga = self._chunk_evals(closure, [(0, a)], True)
+                sums["A"] = (fa[0], ga[0])
         else:
             for name, (lo, hi) in {"A": (0, a), "C": (b - c, b)}.items():
-                mine = [e for (clo, chi), e in zip(chunks, evals) if lo <= clo and chi <= hi]
+                mine = torch.tensor([lo <= clo and chi <= hi for clo, chi in chunks])
                 if hi > lo:
-                    sums[name] = (sum(f for f, _ in mine), sum(gs for _, gs in mine))
+                    sums[name] = (fsum[mine].sum(), gsum[mine].sum(0))
         if full or len(chunks) < 2:
-            return loss, g, sums, g.new_zeros(0, g.numel()), 0, (chunks, evals)
+            return loss, g, sums, g.new_zeros(0, g.numel()), 0, chunks
         # z_j = sqrt(m_j) (G_j - g): sum_j z_j z_j^T / (r - 1) estimates the per-sample covariance
-        z = torch.stack([math.sqrt(hi - lo) * (gs / (hi - lo) - g) for (lo, hi), (_, gs) in zip(chunks, evals)])
-        return loss, g, sums, z, len(chunks) - 1, (chunks, evals)
+        m = torch.tensor([hi - lo for lo, hi in chunks], dtype=g.dtype, device=g.device)[:, None]
+        z = m.sqrt() * (gsum / m - g)
+        return loss, g, sums, z, len(chunks) - 1, chunks
 
     def _per_sample_gradients(self, closure: BatchLoss, a: int, c: int, vmax: int):
         """Loss, gradient, part sums and centered per-sample gradients on V (``variance="per-sample"``).
@@ -584,17 +640,16 @@ class PBQN(Optimizer):
         x0 = [q.detach().clone() for q in params]
         model = getattr(closure, "model", None)
         buffers = [t.clone() for t in model.buffers()] if model is not None else []
-        chunks = chunked[0] if chunked is not None else chunk_bounds(b, group["groups"]) if groups_mode else [(0, b)]
+        chunks = chunked if chunked is not None else chunk_bounds(b, group["groups"]) if groups_mode else [(0, b)]
         g_trial = f_t = None
         for j in range(group["max_backtracks"] + 1):
             add_flat_(params, p, alpha)
             if b == n:  # on the whole data set the trial's gradient is the next iteration's gradient
-                evals = self._chunk_evals(closure, chunks, True)
-                f_t = sum(f for f, _ in evals) / b
-                g_trial = sum(gs for _, gs in evals) / b
+                fsum, gsum = self._chunk_evals(closure, chunks, True)
+                f_t, g_trial = fsum.sum() / b, gsum.sum(0) / b
                 f_trial = float(f_t)
             else:
-                f_trial = float(sum(f for f, _ in self._chunk_evals(closure, chunks, False)) / b)
+                f_trial = float(self._chunk_evals(closure, chunks, False)[0].sum() / b)
             if model is not None:  # trial evaluations do not move BatchNorm's running statistics
                 for t, t0 in zip(model.buffers(), buffers):
                     t.copy_(t0)
@@ -620,8 +675,7 @@ class PBQN(Optimizer):
                                  "full": g if b == n else None}
             else:
                 if g_trial is None:
-                    evals = self._chunk_evals(closure, chunks, True)
-                    g_trial = sum(gs for _, gs in evals) / b
+                    g_trial = self._chunk_evals(closure, chunks, True)[1].sum(0) / b
                 rec["pair"] = self._store_pair(s, g_trial - g, bs)
         else:
             st["line_search_failures"] += 1
