@@ -4,10 +4,13 @@ L-BFGS on a sample ``S_k`` that grows whenever the quasi-Newton direction comput
 too noisy to trust. One iteration, on the batch ``S_k = [O_{k-1} | N_k | O_k]`` that
 :class:`~leantrain.optim.ProgressiveSampler` generates:
 
-1. **Gradients.** ``g_k = grad F_{S_k}(x_k)`` and exact per-sample gradients ``grad F_i(x_k)`` on
-   the variance subset ``V_k`` (all of ``S_k`` up to ``variance_samples`` rows, else evenly spaced
-   rows of the randomly ordered batch) by ``torch.func.vmap(grad)``. The rows of ``V_k`` enter
-   ``g_k`` through their per-sample gradients, so every sample is evaluated once.
+1. **Gradients.** ``g_k = grad F_{S_k}(x_k)`` and a per-sample covariance estimate, as rows ``z_j`` with
+   ``sum_j z_j z_j^T / dof``: with ``variance="groups"`` (default) from the gradient sums ``G_j`` of
+   ``r = groups`` micro-batches (:func:`chunk_bounds`), ``z_j = sqrt(m_j) (G_j / m_j - g)``, ``dof = r - 1``
+   (plain forward/backward passes, so BatchNorm and dropout in ``train()`` mode and any closure work);
+   with ``variance="per-sample"`` exact per-sample gradients on the variance subset ``V_k`` (all of
+   ``S_k`` up to ``variance_samples`` rows, else evenly spaced rows) by ``torch.func.vmap(grad)``,
+   centered, ``dof = |V_k| - 1``. Each sample's gradient is computed once per iteration.
 2. **Curvature pair of the previous step** (multi-batch, MB): ``y_{k-1} = grad F_{O_{k-1}}(x_k) -
    grad F_{O_{k-1}}(x_{k-1})`` on the overlap the two batches share (no extra gradient); when both
    batches are the whole data set, ``y_{k-1} = g_k - g_{k-1}``. Full overlap (FO) instead pays one
@@ -22,8 +25,8 @@ too noisy to trust. One iteration, on the batch ``S_k = [O_{k-1} | N_k | O_k]`` 
 
        fpc * Var_{i in V_k}(q_i) / |S_k|  <=  theta^2 (g_k^T H_k g_k)^2,
 
-   where, with ``debias=True`` (default, *our choice*), ``g^T H g`` is replaced by the unbiased estimate
-   of ``grad F^T H grad F``: ``g^T H g - fpc * tr(H Sigma_V) / |S_k|`` (``Sigma_V`` the sample covariance
+   where, with ``debias=True`` (default, *our choice*, measured in docs/optim.md), ``g^T H g`` is replaced by the unbiased
+   estimate of ``grad F^T H grad F``: ``g^T H g - fpc * tr(H Sigma_V) / |S_k|`` (``Sigma_V`` the sample covariance
    of the per-sample gradients). The plain sample version (``debias=False``) passes at the noise
    floor whenever the effective dimension of ``H Sigma`` exceeds ``1/theta^2``, so it stops growing
    the batch exactly when it should (docs/optim.md).
@@ -35,9 +38,11 @@ too noisy to trust. One iteration, on the batch ``S_k = [O_{k-1} | N_k | O_k]`` 
    ``fpc * Var_H(u_i) / |S_k| <= nu^2 g^T H g`` where ``Var_H`` is the sample covariance contracted
    with ``H_k``. When a test fails the sampler is grown to the size that would pass it,
    ``b_hat = ceil(n Var / ((n - 1) rhs + Var))`` (``ceil(Var / rhs)`` without the correction),
-   never shrinking and capped at ``n``. *Our choice* (the paper's exact control flow was not
-   recovered): the larger sample is used from the **next** batch on, so the method works
-   with any ``DataLoader``; the current step is still taken, guarded by the line search.
+   never shrinking, at most ``max_growth`` (2) times the current size, and the whole data set ``n`` once it
+   reaches ``full_fraction * n`` (n/2), where the accepted trial point's gradient is the next
+   iteration's. *Our choice* (the paper's exact control flow was not recovered): the larger sample is
+   used from the **next** batch on, so the method works with any ``DataLoader``; the current step is
+   still taken, guarded by the line search.
 5. **Initial steplength** (the paper's variance-based trial step; form unconfirmed):
    ``alpha_k^0 = lr / (1 + fpc * Var_vec / (|S_k| ||g_k||^2))``, ``Var_vec`` the sum over coordinates
    of the per-sample gradient variances.
@@ -58,6 +63,12 @@ Example, the whole loop::
     for step, (x, y) in zip(range(200), loader):
         loss = opt.step(BatchLoss(model, loss_fn, x, y, l2=1e-4))
         print(step, sampler.batch_size, float(loss), opt.log[-1]["alpha"])
+
+Or with a plain closure on data-set indices (PBQN draws the batches from its sampler)::
+
+    opt = PBQN(model.parameters(), ProgressiveSampler(len(train), batch_size=64))
+    for step in range(200):
+        loss = opt.step(lambda idx: torch.nn.functional.cross_entropy(model(x[idx]), y[idx]))
 
 Everything the method keeps (memory, pending pair, counters) lives in ``self.state`` and goes
 through ``state_dict()``/``load_state_dict()``, together with the sampler's state.
