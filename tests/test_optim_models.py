@@ -123,3 +123,25 @@ def test_pbqn_rejects_closures_it_cannot_use():
         PBQN(model.parameters(), ProgressiveSampler(10, 4)).step(3)
     with pytest.raises(ValueError, match="scalar"):
         PBQN(model.parameters(), ProgressiveSampler(10, 4)).step(lambda idx: model(torch.ones(len(idx), 2)))
+
+
+@pytest.mark.parametrize("path", ["vmap", "batched-backward"])
+def test_micro_batch_gradients_equal_separate_backward_passes(path):
+    """Both ways PBQN gets micro-batch gradient sums of a BatchLoss (vmap over micro-batches; one backward
+    batched over indicator cotangents) equal one ordinary backward pass per micro-batch."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 5))  # >= 1000 parameters
+    x, y = torch.randn(37, 20), torch.randint(0, 5, (37,))
+    obj = BatchLoss(model, cross_entropy_loss, x, y, l2=0.1)
+    opt = PBQN(model.parameters(), ProgressiveSampler(100, 37), groups=4)
+    opt._vmap_chunks = None if path == "vmap" else False
+    chunks = chunk_bounds(37, 4, (5, 28))
+    sums, grads = opt._batch_evals(obj, chunks, True)
+    assert opt._vmap_chunks is (True if path == "vmap" else False)
+    params = list(model.parameters())
+    for j, (lo, hi) in enumerate(chunks):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[lo:hi]), y[lo:hi], reduction="sum") + (hi - lo) * _penalty_live(model, 0.1)
+        loss.backward()
+        torch.testing.assert_close(sums[j], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[j], torch.cat([p.grad.reshape(-1) for p in params]), rtol=1e-4, atol=1e-6)

@@ -327,6 +327,7 @@ class PBQN(Optimizer):
         self.sampler = sampler
         self.log: list[dict[str, Any]] = []
         self._indicators: dict[Any, torch.Tensor] = {}
+        self._vmap_chunks: bool | None = None
         st = self._state
         st.setdefault("s", [])
         st.setdefault("y", [])
@@ -431,6 +432,40 @@ class PBQN(Optimizer):
                     fs.append(closure.value(rows) * (hi - lo))
         return torch.stack(fs), (torch.stack(gs) if with_grad else None)
 
+    def _vmapped_chunks(self, closure: BatchLoss, chunks: list[tuple[int, int]]):
+        """Micro-batch loss and gradient sums by ``torch.func.vmap`` of ``grad`` over the micro-batches
+        (padded to one size with zero-weight rows): the cost of one backward pass over the batch.
+        Models with batch-coupled or random layers (BatchNorm in train mode, dropout) raise under
+        vmap; then ``None`` is returned and this path is not tried again."""
+        from torch.func import functional_call, grad, vmap
+
+        try:
+            params = self._params
+            names = closure.names(params)
+            model = closure.model
+            others = {n: t.detach() for n, t in model.named_parameters() if n not in set(names)}
+            buffers = dict(model.named_buffers())
+            size = max(hi - lo for lo, hi in chunks)
+            idx = torch.stack([torch.arange(lo, lo + size).clamp(max=hi - 1) for lo, hi in chunks])
+            weight = torch.stack([(torch.arange(size) < hi - lo) for lo, hi in chunks]).to(params[0].dtype)
+            x, y = closure.inputs, closure.targets
+            weight = weight.to(device=x.device)
+
+            def chunk_sum(variables, xc, yc, wc):
+                losses = closure.loss_fn(functional_call(model, {**others, **buffers, **variables}, (xc,)), yc)
+                # the penalty covers parameters only (never buffers), once per sample of the chunk
+                total = (losses.reshape(-1) * wc).sum() + wc.sum() * closure.penalty({**others, **variables})
+                return total, total
+
+            variables = {n: p.detach() for n, p in zip(names, params)}
+            grads, sums = vmap(grad(chunk_sum, has_aux=True), in_dims=(None, 0, 0, 0))(variables, x[idx], y[idx],
+                                                                                     weight)
+            self._vmap_chunks = True
+            return sums.detach(), torch.cat([grads[n].reshape(len(chunks), -1) for n in names], 1).detach()
+        except Exception:  # noqa: BLE001 - any functorch limitation: use the batched backward instead
+            self._vmap_chunks = False
+            return None
+
     def _batch_evals(self, closure: BatchLoss, chunks: list[tuple[int, int]], with_grad: bool):
         """:meth:`_chunk_evals` for a :class:`BatchLoss`: one forward pass over the rows the chunks cover
         (the model in its own mode: BatchNorm normalizes over those rows together), per-sample losses,
@@ -440,6 +475,16 @@ class PBQN(Optimizer):
         lo0, hi0 = chunks[0][0], chunks[-1][1]
         rows = torch.arange(lo0, hi0)
         m = hi0 - lo0
+        # vmap over micro-batches costs one backward plus a fixed overhead: worth it from about 1000
+        # parameters (bench optim: MLP 3.2x vs 4.8x an SGD step; logistic regression 10x vs 4.9x)
+        big = sum(p.numel() for p in self._params) >= 1000
+        if with_grad and big and self._vmap_chunks is not False and len(chunks) > 1:
+            with self._seeded(0):
+                out = self._vmapped_chunks(closure, chunks)
+            if out is not None:
+                if closure.counter is not None:
+                    closure.counter.gradients += m
+                return out
         with self._seeded(0), torch.enable_grad():
             losses = closure.losses(rows if m < len(closure) else None)
             if closure.counter is not None:
