@@ -176,7 +176,7 @@ def _tune(run, problem_for_seed, grid, **kwargs):
     title="PBQN on small networks (MLP on mnist1d, LeNet on digits, a BatchNorm ResNet in train mode): test accuracy "
           "at equal passes",
     claim="On neural networks PBQN's best test accuracy is competitive with tuned SGD and Adam at the same passes.",
-    quick_minutes=3.0,
+    quick_minutes=2.0,
 )
 def run_nn(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     from leantrain.optim.runs import run_sgd
