@@ -131,11 +131,11 @@ def test_micro_batch_gradients_equal_separate_backward_passes(path):
     batched over indicator cotangents) equal one ordinary backward pass per micro-batch."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 5))  # >= 1000 parameters
-    x, y = torch.randn(37, 20), torch.randint(0, 5, (37,))
+    x, y = torch.randn(1100, 20), torch.randint(0, 5, (1100,))  # batch x parameters >= 1e6: the vmap path
     obj = BatchLoss(model, cross_entropy_loss, x, y, l2=0.1)
-    opt = PBQN(model.parameters(), ProgressiveSampler(100, 37), groups=4)
+    opt = PBQN(model.parameters(), ProgressiveSampler(2000, 1100), groups=4)
     opt._vmap_chunks = None if path == "vmap" else False
-    chunks = chunk_bounds(37, 4, (5, 28))
+    chunks = chunk_bounds(1100, 4, (5, 828))
     sums, grads = opt._batch_evals(obj, chunks, True)
     assert opt._vmap_chunks is (True if path == "vmap" else False)
     params = list(model.parameters())
