@@ -246,7 +246,7 @@ def test_powell_damping_keeps_update_positive_definite():
 def test_sampler_layout_overlap_and_growth():
     sampler = ProgressiveSampler(100, 20, overlap=0.25, seed=1)
     prev = sampler.next_batch()
-    for size in (20, 33, 60, 100, 100):
+    for size in (20, 33, 60, 100):
         sampler.grow_to(size)
         cur = sampler.next_batch()
         assert len(cur) == size and len(set(cur)) == size
@@ -254,6 +254,7 @@ def test_sampler_layout_overlap_and_growth():
         assert cur[:len(carried)] == carried
         prev = cur
     assert sorted(prev) == list(range(100))
+    assert sampler.next_batch() == prev  # the full data set keeps one order
     assert sampler.grow_to(10) == 100  # never shrinks
 
 
@@ -324,3 +325,46 @@ def test_distributed_dance_on_two_gloo_ranks_equals_one_rank():
             assert one.counters[key] == two.counters[key]
     assert two.counters["comm_rounds"] == two.counters["newton_iterations"] + two.counters["cg_iterations"] + \
         two.counters["stages"]  # one gradient reduction per Newton iteration/stage start, one per CG iteration
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "sgd", "adam", "newton-cg"])
+def test_each_baseline_reaches_the_scipy_optimum(convex, method):
+    """A crippled baseline cannot come back: configured as its users do, each baseline reaches the scipy
+    L-BFGS-B optimum to 1e-6 relative (SGD and Adam on the full batch, where a constant step converges)."""
+    from leantrain.optim.runs import run_adam, run_lbfgs, run_newton_cg, run_sgd
+
+    problem, ref = convex
+    problem.set_flat_weights(torch.zeros_like(ref["weights"]))
+    full = dict(batch_size=problem.n, max_passes=1500, records_per_pass=0.01)
+    trace = {"lbfgs": lambda: run_lbfgs(problem, max_passes=200),
+             "sgd": lambda: run_sgd(problem, lr=1.0, **full),
+             "adam": lambda: run_adam(problem, lr=1e-2, **full),
+             "newton-cg": lambda: run_newton_cg(problem, final_gradient_tol=1e-9)}[method]()
+    assert trace.final("objective") - ref["objective"] <= 1e-6 * abs(ref["objective"])
+    if method == "lbfgs":  # torch's defaults: one closure call per pass, ended by its own tolerances
+        assert trace.stopped == "converged" and trace.info["max_iter"] == 20 and trace.info["max_eval"] == 25
+        assert trace.counters["gradients"] == problem.n * (len(trace.records) - 1)
+    problem.set_flat_weights(torch.zeros_like(ref["weights"]))
+
+
+def test_scipy_newton_cg_agrees_with_the_reference_optimum(convex):
+    from scipy.optimize import minimize
+
+    from leantrain.numerics.flat import hvp
+
+    problem, ref = convex
+    params, obj = problem.parameters(), problem.batch_loss()
+
+    def fun(w):
+        problem.set_flat_weights(torch.from_numpy(w))
+        f, g = obj.gradient(params)
+        return float(f), g.numpy()
+
+    def hessp(w, v):
+        problem.set_flat_weights(torch.from_numpy(w))
+        return hvp(obj.losses().mean(), params, torch.from_numpy(v)).numpy()
+
+    res = minimize(fun, np.zeros(ref["weights"].numel()), jac=True, hessp=hessp, method="Newton-CG",
+                   options={"xtol": 1e-12})
+    assert abs(res.fun - ref["objective"]) <= 1e-10 * abs(ref["objective"])
+    problem.set_flat_weights(torch.zeros_like(ref["weights"]))

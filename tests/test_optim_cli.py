@@ -48,3 +48,17 @@ def test_optimize_bad_arguments_exit_2_with_one_line(capsys, tmp_path, argv, nee
     assert main(["optimize", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "pbqn", "dance"])
+def test_optimize_reaches_the_optimum_and_says_why_it_stopped(capsys, tmp_path, method):
+    argv = ["optimize", "--method", method, "--dataset", "breast_cancer", "--l2", "1e-3", "--json", "--out",
+            str(tmp_path)]
+    assert main([*argv, "--tol", "1e-6", "--max-passes", "100"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # torch's LBFGS may end first on its own tolerance_change; either way at the optimum
+    assert data["stopped"] in (("tol", "converged") if method == "lbfgs" else ("tol",))
+    assert data["suboptimality"] <= 1e-6 * data["optimum"] and data["passes"] <= 100
+    assert main([*argv, "--max-passes", "5"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stopped"] == "budget" and data["suboptimality"] > 1e-6 * data["optimum"]

@@ -75,7 +75,7 @@ def _workload_rows(name: str, model: nn.Module, loss_fn, x: torch.Tensor, y: tor
     checks = [
         check(f"{name}: HVP (from scratch) / gradient", rows[2]["ratio"], "<=", 5.0),
         check(f"{name}: DANCE CG iteration / SGD step", rows[1]["ratio"], "<=", 4.0),
-        check(f"{name}: PBQN iteration / SGD step", rows[0]["ratio"], "<=", 10.0),
+        check(f"{name}: PBQN iteration / SGD step", rows[0]["ratio"], "<=", 4.0),
     ]
     return rows, checks
 

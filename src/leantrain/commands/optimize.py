@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int_arg(1), default=1, help="local processes for DANCE (gloo on CPU; default 1)")
     p.add_argument("--max-passes", type=float_arg(0, low_open=True), default=20.0,
                    help="budget in effective passes over the data (default 20)")
+    p.add_argument("--tol", type=float_arg(0, low_open=True), default=None,
+                   help="stop once the full training objective's gradient norm is <= TOL (default: none; DANCE then "
+                        "ends at the full set's statistical accuracy, torch L-BFGS at its own tolerances). The JSON "
+                        "field 'stopped' says why a run ended: tol, converged, budget or diverged")
     p.add_argument("--batch-size", type=int_arg(1), default=None,
                    help="PBQN initial sample size (default 64) or SGD/Adam batch size (default 32)")
     p.add_argument("--lr", type=float_arg(0, low_open=True), default=None,
@@ -50,6 +54,10 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+_STOPPED = {"tol": "gradient norm <= --tol", "converged": "the method's own convergence test",
+            "budget": "budget exhausted (--max-passes) before convergence", "diverged": "diverged"}
+
+
 def _method_kwargs(args: argparse.Namespace) -> dict:
     kw: dict = {}
     if args.method == "pbqn" and args.batch_size is not None:
@@ -61,6 +69,8 @@ def _method_kwargs(args: argparse.Namespace) -> dict:
             kw["grid" if args.method == "sgd" else "lr"] = (args.lr,) if args.method == "sgd" else args.lr
     if args.method == "dance":
         kw["initial_samples"] = args.initial_samples
+    if args.method in ("dance", "newton-cg") and args.tol is not None:
+        kw["final_gradient_tol"] = args.tol
     return kw
 
 
@@ -110,11 +120,14 @@ def run(args: argparse.Namespace) -> int:
             return False
 
         try:
-            trace = run_method(args.method, problem, max_passes=args.max_passes, seed=args.seed, stop=progress, **kwargs)
+            trace = run_method(args.method, problem, max_passes=args.max_passes, seed=args.seed, stop=progress,
+                               tol=args.tol, **kwargs)
         finally:
             bar.close()
     final = trace.records[-1]
+    stopped = "tol" if args.tol is not None and final["grad_norm"] <= args.tol else trace.stopped
     data = {
+        "stopped": stopped, "tol": args.tol,
         "method": args.method, "problem": args.problem, "dataset": str(args.dataset), "l2": problem.l2,
         "n_train": problem.n, "dim": problem.info["dim"], "nproc": args.nproc if not torchrun else "torchrun",
         "final_objective": final["objective"], "final_grad_norm": final["grad_norm"],
@@ -129,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     sub = "" if optimum is None else f", F - F* = {data['suboptimality']:.3e}"
     text = (f"{args.method} on {problem.name} (n={problem.n}, l2={problem.l2:.3g}): F = {data['final_objective']:.8g}"
             f"{sub}, |grad F| = {data['final_grad_norm']:.3e}, test accuracy {data['final_test_accuracy']:.4f}, "
-            f"{data['passes']:.2f} passes, {data['wall_time']:.2f} s\nwritten {out}")
+            f"{data['passes']:.2f} passes, {data['wall_time']:.2f} s, stopped: {_STOPPED.get(stopped, stopped)}"
+            f"\nwritten {out}")
     emit(args, data, text)
     return 0

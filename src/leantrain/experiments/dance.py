@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from leantrain.optim.problems import make_problem, reference_optimum
@@ -45,7 +46,7 @@ def _fmt(x: float | None) -> str:
     title="DANCE on L2 logistic regression: passes to the full set's statistical accuracy",
     claim="DANCE reaches the statistical accuracy of the full training set in fewer passes over the data than "
           "Newton-CG on the full data from scratch.",
-    quick_minutes=0.6,
+    quick_minutes=1.0,
 )
 def run_logreg(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     quick = profile == "quick"
@@ -59,13 +60,18 @@ def run_logreg(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> R
         v_n = 1.0 / n
         stop = lambda rec, f=fstar, v=v_n: rec["objective"] - f <= v / 100
         mk = lambda ds=ds: make_problem("logreg", ds, device=device)
+        seeds = list(range(seed, seed + 5))
+        dance_runs = [run_dance(mk(), seed=s, max_passes=150, stop=stop) for s in seeds]
         traces = {
-            "DANCE": run_dance(mk(), seed=seed, max_passes=150, stop=stop),
+            "DANCE": dance_runs[0],
             "Newton-CG (full data)": run_newton_cg(mk(), seed=seed, max_passes=150, stop=stop),
-            "L-BFGS (full batch)": run_lbfgs(mk(), max_passes=60 if quick else 150, stop=stop),
+            "L-BFGS (torch, strong Wolfe)": run_lbfgs(mk(), max_passes=60 if quick else 150, stop=stop),
             "SGD (tuned)": tune_sgd(mk(), max_passes=3.0 if quick else 15.0, seed=seed, records_per_pass=5),
         }
         to_v = {m: t.passes_to(fstar + v_n) for m, t in traces.items()}
+        per_seed = [t.passes_to(fstar + v_n) for t in dance_runs]
+        reached = all(v is not None for v in per_seed)
+        to_v["DANCE"] = float(np.mean(per_seed)) if reached else None
         dance = traces["DANCE"]
         curves(out / f"suboptimality_{label.split(' ')[0]}.png",
                {m: (t.series("passes"), [max(r["objective"] - fstar, 1e-16) for r in t.records]) for m, t in traces.items()},
@@ -76,17 +82,26 @@ def run_logreg(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> R
             "optimum": fstar, "V_N": v_n, "passes_to_V_N": to_v, "stage_sizes": dance.info["stage_sizes"],
             "dance_counters": dance.counters, "newton_cg_counters": traces["Newton-CG (full data)"].counters,
             "sgd_grid": traces["SGD (tuned)"].info["grid"],
+            "dance_passes_per_seed": dict(zip(map(str, seeds), per_seed)),
             "histories": {m: t.records for m, t in traces.items()},
         }
         d, nc = to_v["DANCE"], to_v["Newton-CG (full data)"]
+        lb = to_v["L-BFGS (torch, strong Wolfe)"]
+        spread = f"seeds {', '.join(_fmt(v) for v in per_seed)}"
+        claims.append(Claim(
+            f"{label}: DANCE reaches F - F* <= V_N in fewer passes than full-batch L-BFGS (torch, strong Wolfe, "
+            "default budget)", "not recovered",
+            f"DANCE {_fmt(d)} ({spread}) vs L-BFGS {_fmt(lb)} passes",
+            "mean over 5 seeds strictly below L-BFGS's passes; one closure call = one pass, one HVP on a sample = one "
+            "gradient on it", d is not None and lb is not None and d < lb))
         claims.append(Claim(
             f"{label}: DANCE reaches F - F* <= V_N = 1/N in fewer passes than full-data Newton-CG",
-            "not recovered (datasets and numbers)", f"DANCE {_fmt(d)} vs Newton-CG {_fmt(nc)} passes",
+            "not recovered (datasets and numbers)", f"DANCE {_fmt(d)} ({spread}) vs Newton-CG {_fmt(nc)} passes",
             "strictly fewer passes (same CG rule and damped step for both; HVP on a sample = one gradient on it)",
             d is not None and (nc is None or d < nc)))
         sizes = dance.info["stage_sizes"]
         rows.append([label, n, f"{v_n:.2e}", f"{sizes[0]} -> {sizes[-1]} ({len(sizes)} stages)", _fmt(d), _fmt(nc),
-                     _fmt(to_v["L-BFGS (full batch)"]), _fmt(to_v["SGD (tuned)"]), dance.counters["cg_iterations"],
+                     _fmt(lb), _fmt(to_v["SGD (tuned)"]), dance.counters["cg_iterations"],
                      traces["Newton-CG (full data)"].counters["cg_iterations"]])
     table = Table("effective passes to reach F - F* <= V_N", ["data set", "N", "V_N", "DANCE stages", "DANCE",
                   "Newton-CG", "L-BFGS", "SGD", "DANCE CG its", "Newton-CG CG its"], rows)
@@ -94,7 +109,9 @@ def run_logreg(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> R
              "stage test ||grad R_n|| <= sqrt(2c) V_n, CG residual <= max(min(0.1, sqrt||g||) ||g||, 0.1 sqrt(2c) V_n), "
              "step w + v/(1 + delta): our choices where the paper's were not recovered (docs/optim.md). Newton-CG is the "
              "same code with m_0 = N. The paper's data sets, node counts and GIANT/DiSCO numbers were not recovered. "
-             "SGD: batch 32, step tuned over 0.01, 0.1, 1.")
+             "DANCE's passes are the mean over 5 seeds (random data order); L-BFGS is torch.optim.LBFGS with "
+             "strong Wolfe and its default budget per step (max_iter 20, max_eval 25, history 100), one pass per "
+             "closure call. SGD: batch 32, step tuned over 0.01, 0.1, 1.")
     return Result(metrics=metrics, claims=claims, plots=plots, tables=[table], notes=notes)
 
 
@@ -119,6 +136,7 @@ def run_nn(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Resul
         "Newton-CG (full data)": newton,
         "SGD (tuned)": tune_sgd(mk(), grid=(0.03, 0.1, 0.3), max_passes=budget / 4, seed=seed, records_per_pass=2),
         "Adam": run_adam(mk(), max_passes=budget / 4, seed=seed, records_per_pass=2),
+        "L-BFGS (torch, strong Wolfe)": run_lbfgs(mk(), max_passes=budget, stop=lambda r: r["objective"] <= target),
     }
     to_t = {m: t.passes_to(target) for m, t in traces.items()}
     curves(out / "objective.png", {m: (t.series("passes"), t.series("objective")) for m, t in traces.items()},
@@ -127,7 +145,12 @@ def run_nn(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Resul
     curves(out / "test_accuracy.png", {m: (t.series("passes"), t.series("test_accuracy")) for m, t in traces.items()},
            xlabel="effective passes over the data", ylabel="test accuracy", title="tanh MLP (32, 32) on mnist1d")
     d, nc = to_t["DANCE"], to_t["Newton-CG (full data)"]
+    lb = to_t["L-BFGS (torch, strong Wolfe)"]
     claims = [Claim(
+        "DANCE reaches Newton-CG's final training objective (+ V_N) in fewer passes than full-batch L-BFGS",
+        "not recovered", f"DANCE {_fmt(d)} vs L-BFGS {_fmt(lb)} passes (target {target:.4f})",
+        "strictly fewer passes, or L-BFGS does not reach it within the budget; one seed (deterministic L-BFGS, "
+        "DANCE's data order seeded)", d is not None and (lb is None or d < lb)), Claim(
         "DANCE reaches Newton-CG's final training objective (+ V_N) in fewer passes than Newton-CG",
         "not recovered", f"DANCE {_fmt(d)} vs Newton-CG {_fmt(nc)} passes (target {target:.4f})",
         "strictly fewer passes; illustrative only (the theory is convex)", d is not None and nc is not None and d < nc)]

@@ -43,77 +43,89 @@ def write_libsvm_file(path: Path, seed: int, n: int = 20_000) -> Path:
     return write_bytes(path, buf.getvalue())
 
 
+def _seed_stats(values: list[float | None]) -> tuple[float | None, float | None, float | None]:
+    """Mean, min and max over seeds (None if any seed did not reach the target)."""
+    if not values or any(v is None for v in values):
+        return None, None, None
+    return float(np.mean(values)), float(min(values)), float(max(values))
+
+
 @experiment(
     "pbqn-logreg",
     arxiv="1802.05374",
-    title="PBQN on L2 logistic regression: suboptimality vs passes over the data",
+    title="PBQN on L2 logistic regression: passes to (F-F*)/F* <= 1e-4 against a fair full-batch L-BFGS",
     claim="Progressive-batching L-BFGS reaches the reference suboptimality in fewer passes over the data than "
           "full-batch L-BFGS, and competes with (tuned) SGD.",
-    quick_minutes=1.0,
+    quick_minutes=1.5,
 )
 def run_logreg(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     quick = profile == "quick"
     svm = write_libsvm_file(out / "classification.svm", seed, n=20_000 if quick else 50_000)
     datasets = {"breast_cancer": "breast_cancer", "synthlogreg (n=100000)": "synthlogreg", "LIBSVM file": str(svm)}
-    max_passes = 30.0 if quick else 60.0
+    seeds = list(range(seed, seed + 5))
+    max_passes = 40.0 if quick else 80.0
     sgd_passes = 3.0 if quick else 15.0
-    plain_passes = 3.0 if quick else 30.0
-    metrics: dict = {"datasets": {}}
+    metrics: dict = {"datasets": {}, "seeds": seeds}
     claims, rows = [], []
     plots = []
     fig_b, ax_b = plt.subplots(figsize=(6.4, 4.2))
     for label, ds in datasets.items():
         ref = reference_optimum(make_problem("logreg", ds, device=device))
         fstar = ref["objective"]
-        stop = lambda rec, f=fstar: rec["objective"] - f <= 1e-7 * abs(f)
-        pbqn = dict(seed=seed, stop=stop, records_per_pass=20)
-        traces = {
-            "PBQN (MB)": run_pbqn(make_problem("logreg", ds, device=device), max_passes=max_passes, **pbqn),
-            "PBQN (FO)": run_pbqn(make_problem("logreg", ds, device=device), max_passes=max_passes,
-                                  curvature="full-overlap", **pbqn),
-            "PBQN (plain sample test)": run_pbqn(make_problem("logreg", ds, device=device), max_passes=plain_passes,
-                                                 debias=False, **pbqn),
-            "L-BFGS (full batch)": run_lbfgs(make_problem("logreg", ds, device=device), max_passes=max_passes, stop=stop),
-            "SGD (tuned)": tune_sgd(make_problem("logreg", ds, device=device), max_passes=sgd_passes, seed=seed,
-                                    records_per_pass=5),
-        }
-        tight = {m: t.passes_to(fstar * (1 + TIGHT)) for m, t in traces.items()}
-        loose = {m: t.passes_to(fstar * (1 + LOOSE)) for m, t in traces.items()}
-        pb = traces["PBQN (MB)"]
+        target = fstar * (1 + TIGHT)
+        stop = lambda rec, f=target: rec["objective"] <= f
+        mk = lambda ds=ds: make_problem("logreg", ds, device=device)
+        lbfgs = run_lbfgs(mk(), max_passes=max_passes, stop=stop)
+        pbqn_runs = [run_pbqn(mk(), max_passes=max_passes, seed=s, stop=stop, records_per_pass=20) for s in seeds]
+        plain = run_pbqn(mk(), max_passes=max_passes, seed=seed, stop=stop, records_per_pass=20, debias=False)
+        sgd = tune_sgd(mk(), max_passes=sgd_passes, seed=seed, records_per_pass=5)
+        per_seed = [t.passes_to(target) for t in pbqn_runs]
+        lb = lbfgs.passes_to(target)
+        mean, lo, hi = _seed_stats(per_seed)
+        margin = None if mean is None or lb is None else lb - mean
+        wins = sum(1 for v in per_seed if v is not None and lb is not None and v < lb)
+        pb = pbqn_runs[0]
         sizes = pb.info["batch_sizes"]
         ax_b.plot(range(1, len(sizes) + 1), sizes, label=label)
         name = label.split(" ")[0].lower()
+        traces = {f"PBQN (seed {seed})": pb, "PBQN, plain test": plain, "L-BFGS (torch, strong Wolfe)": lbfgs,
+                  "SGD (tuned)": sgd}
         curves(out / f"suboptimality_{name}.png",
                {m: (t.series("passes"), [max(r["objective"] - fstar, 1e-16) for r in t.records]) for m, t in traces.items()},
                xlabel="effective passes over the data", ylabel="F - F*", logy=True,
                title=f"logistic regression, {label}")
         plots.append(f"suboptimality_{name}.png")
         counters = pb.counters
+        loose = {m: t.passes_to(fstar * (1 + LOOSE)) for m, t in traces.items()}
         metrics["datasets"][label] = {
-            "optimum": fstar, "optimum_grad_norm": ref["grad_norm"], "passes_to_tight": tight, "passes_to_loose": loose,
-            "batch_sizes": sizes, "pbqn_counters": counters, "pbqn_fo_counters": traces["PBQN (FO)"].counters,
-            "sgd_grid": traces["SGD (tuned)"].info["grid"], "sgd_lr": traces["SGD (tuned)"].info.get("lr"),
+            "optimum": fstar, "optimum_grad_norm": ref["grad_norm"], "lbfgs_passes": lb,
+            "pbqn_passes_per_seed": dict(zip(map(str, seeds), per_seed)), "pbqn_mean": mean, "pbqn_min": lo,
+            "pbqn_max": hi, "margin_passes": margin, "seeds_won": wins,
+            "plain_test_passes": plain.passes_to(target), "passes_to_loose": loose,
+            "lbfgs_stopped": lbfgs.stopped, "lbfgs_info": lbfgs.info,
+            "batch_sizes": sizes, "pbqn_counters": counters,
+            "sgd_grid": sgd.info["grid"], "sgd_lr": sgd.info.get("lr"),
             "alpha0_accepted_fraction": counters["alpha0_accepted"] / max(1, counters["iterations"]),
             "skip_fraction": counters["pairs_skipped"] / max(1, counters["pairs_skipped"] + counters["pairs_stored"]),
-            "final_test_accuracy": {m: t.final("test_accuracy") for m, t in traces.items()},
             "histories": {m: t.records for m, t in traces.items()},
         }
-        pbqn_t, lbfgs_t = tight["PBQN (MB)"], tight["L-BFGS (full batch)"]
         claims.append(Claim(
-            f"{label}: PBQN reaches (F-F*)/F* <= {TIGHT:g} in fewer passes than full-batch L-BFGS",
-            "not recovered (paper's figures)", f"PBQN {_fmt(pbqn_t)} vs L-BFGS {_fmt(lbfgs_t)} passes",
-            "strictly fewer passes (no slack: passes are counted exactly, one line-search evaluation = one pass)",
-            pbqn_t is not None and (lbfgs_t is None or pbqn_t < lbfgs_t)))
-        pl, sl = loose["PBQN (MB)"], loose["SGD (tuned)"]
+            f"{label}: PBQN reaches (F-F*)/F* <= {TIGHT:g} in fewer passes than full-batch L-BFGS (torch, strong Wolfe, "
+            "default budget)",
+            "not recovered (paper's figures)",
+            f"PBQN {_fmt(mean)} (seeds {', '.join(_fmt(v) for v in per_seed)}; range {_fmt(lo)}-{_fmt(hi)}) vs L-BFGS "
+            f"{_fmt(lb)} passes; margin {_fmt(margin)}; {wins}/{len(seeds)} seeds fewer",
+            "mean over 5 seeds strictly below L-BFGS's passes (deterministic run), every seed reaching the target; "
+            "passes counted exactly (one closure or line-search evaluation over the full data = one pass)",
+            mean is not None and lb is not None and mean < lb))
+        pl, sl = loose[f"PBQN (seed {seed})"], loose["SGD (tuned)"]
         claims.append(Claim(
             f"{label}: PBQN competes with tuned SGD: reaches (F-F*)/F* <= {LOOSE:g} within 2x SGD's passes",
             "not recovered", f"PBQN {_fmt(pl)} vs SGD {_fmt(sl)} passes",
             "PBQN passes <= 2 x SGD passes, or SGD does not reach it (competitive, not a win)",
             pl is not None and (sl is None or pl <= 2 * sl)))
-        plain = traces["PBQN (plain sample test)"]
-        rows.append([label, pb.info.get("initial_batch"), sizes[-1], _fmt(tight["PBQN (MB)"]), _fmt(tight["PBQN (FO)"]),
-                     _fmt(lbfgs_t), _fmt(tight["SGD (tuned)"]), _fmt(loose["PBQN (MB)"]), _fmt(sl),
-                     f"{(plain.final('objective') - fstar) / fstar:.1e} @ {plain.final('passes'):.0f} passes",
+        rows.append([label, pb.info.get("initial_batch"), sizes[-1], f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]", _fmt(lb),
+                     _fmt(margin), f"{wins}/{len(seeds)}", _fmt(plain.passes_to(target)), _fmt(loose["SGD (tuned)"]),
                      f"{metrics['datasets'][label]['alpha0_accepted_fraction']:.2f}",
                      f"{metrics['datasets'][label]['skip_fraction']:.2f}"])
     ax_b.set_xlabel("PBQN iteration")
@@ -124,80 +136,117 @@ def run_logreg(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> R
     ax_b.legend(fontsize=8)
     save_figure(fig_b, out / "batch_sizes.png")
     plots.append("batch_sizes.png")
-    table = Table("passes to reach the relative suboptimality", ["data set", "|S_0|", "final |S_k|", f"PBQN MB {TIGHT:g}",
-                  f"PBQN FO {TIGHT:g}", f"L-BFGS {TIGHT:g}", f"SGD {TIGHT:g}", f"PBQN {LOOSE:g}", f"SGD {LOOSE:g}",
-                  "plain test: rel. subopt.", "alpha0 accepted", "skipped pairs"], rows)
+    table = Table(f"passes to (F-F*)/F* <= {TIGHT:g}", ["data set", "|S_0|", "final |S_k|", "PBQN mean [min, max], 5 seeds",
+                  "L-BFGS", "margin", "seeds won", "PBQN plain test", f"SGD to {LOOSE:g}", "alpha0 accepted",
+                  "skipped pairs"], rows)
     notes = (
         "Passes = (sample gradients + sample loss evaluations) / n: a line-search trial on S_k costs |S_k| like a "
-        "gradient (an upper bound), per-sample gradients for the variance estimates are the gradients of those samples "
-        "(counted once), full overlap pays its extra gradient. L-BFGS counts one pass per objective+gradient "
-        "evaluation. The paper's 8 data sets, its figures and its SVRG baseline were not recovered; "
-        "the paper's theta = 0.9 is used (unconfirmed). PBQN's sample-size test uses a debiased estimate of "
-        "g^T H g (see docs/optim.md: the plain sample test passes at the noise floor whenever the effective dimension "
-        "of H Sigma exceeds 1/theta^2); the plain sample test (debias=False) is shown as an ablation "
-        f"({plain_passes:g} passes: its batch stays small, so it takes many cheap iterations). "
+        "gradient (an upper bound). L-BFGS is torch.optim.LBFGS as its users configure it: lr 1, "
+        "line_search_fn='strong_wolfe', torch's defaults (max_iter 20, max_eval 25, history 100, tolerance_grad 1e-7, "
+        "tolerance_change 1e-9) with step(closure) in a loop; each closure call (full-data loss and gradient) is one pass "
+        "and every call is recorded. PBQN defaults: |S_0| = 64, 25% overlap, theta = 0.9 (paper, unconfirmed), debiased "
+        "g^T H g (default chosen from this experiment's ablation: the plain sample test passes at the noise floor, so its "
+        "batch stops growing and it rarely reaches 1e-4), one enlargement at most 2x, the whole data set once the "
+        "requested size reaches n/2, variances from 8 micro-batch gradients. "
         f"SGD: batch 32, step tuned over 0.01, 0.1, 1 by final training objective, {sgd_passes:g} passes.")
     return Result(metrics=metrics, claims=claims, plots=plots, tables=[table], notes=notes)
+
+
+ADAM_GRID = (3e-4, 1e-3, 3e-3)
+NN_SGD_GRID = (0.03, 0.1, 0.3)
+
+
+def _tune(run, problem_for_seed, grid, **kwargs):
+    """Run ``run(problem, lr=...)`` for each step in ``grid`` and keep the lowest final training objective."""
+    best = None
+    finals = {}
+    for lr in grid:
+        tr = run(problem_for_seed(), lr=lr, **kwargs)
+        final = tr.final("objective")
+        finals[str(lr)] = final
+        if best is None or (np.isfinite(final) and final < best[0]):
+            best = (final if np.isfinite(final) else np.inf, lr, tr)
+    assert best is not None
+    return best[1], best[2], finals
 
 
 @experiment(
     "pbqn-nn",
     arxiv="1802.05374",
-    title="PBQN on small networks (MLP on mnist1d, LeNet on digits): test accuracy vs passes",
-    claim="On neural networks (no batch norm, no dropout) PBQN's best test accuracy is competitive with SGD and Adam.",
-    quick_minutes=0.8,
+    title="PBQN on small networks (MLP on mnist1d, LeNet on digits, a BatchNorm ResNet in train mode): test accuracy "
+          "at equal passes",
+    claim="On neural networks PBQN's best test accuracy is competitive with tuned SGD and Adam at the same passes.",
+    quick_minutes=2.0,
 )
 def run_nn(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
+    from leantrain.optim.runs import run_sgd
+
     quick = profile == "quick"
-    seeds = [seed] if quick else list(range(seed, seed + 5))
-    passes = 8.0 if quick else 30.0
-    nets = {"MLP on mnist1d": ("mlp", "mnist1d"), "LeNet on digits": ("cnn", "digits")}
-    metrics: dict = {"networks": {}}
+    seeds = list(range(seed, seed + 5))
+    passes = 6.0 if quick else 30.0
+    batch = 64
+    tol = 0.03
+    nets = {"MLP on mnist1d": ("mlp", "mnist1d"), "LeNet on digits": ("cnn", "digits"),
+            "BatchNorm ResNet-8 on digits (train mode)": ("bncnn", "digits")}
+    metrics: dict = {"networks": {}, "seeds": seeds, "passes": passes, "batch_size": batch}
     claims, rows, plots = [], [], []
     for label, (kind, ds) in nets.items():
-        best: dict[str, list[float]] = {"PBQN": [], "PBQN (plain sample test)": [], "SGD (tuned)": [], "Adam": []}
-        curves_acc = {}
-        for s in seeds:
-            def mk(kind=kind, ds=ds, s=s):
-                return make_problem(kind, ds, seed=s, device=device)
+        def mk(s, kind=kind, ds=ds):
+            return make_problem(kind, ds, seed=s, device=device)
 
-            traces = {
-                "PBQN": run_pbqn(mk(), max_passes=passes, seed=s, batch_size=128),
-                "PBQN (plain sample test)": run_pbqn(mk(), max_passes=passes, seed=s, batch_size=128, debias=False),
-                "SGD (tuned)": tune_sgd(mk(), grid=(0.03, 0.1, 0.3), max_passes=passes, seed=s, records_per_pass=2),
-                "Adam": run_adam(mk(), max_passes=passes, seed=s, records_per_pass=2),
-            }
-            for m, t in traces.items():
+        common = dict(max_passes=passes, batch_size=batch, records_per_pass=2)
+        sgd_lr, sgd0, sgd_grid = _tune(run_sgd, lambda: mk(seed), NN_SGD_GRID, seed=seed, **common)
+        adam_lr, adam0, adam_grid = _tune(run_adam, lambda: mk(seed), ADAM_GRID, seed=seed, **common)
+        best: dict[str, list[float]] = {"PBQN": [], "PBQN (debiased test)": [], "SGD (tuned)": [], "Adam (tuned)": []}
+        pbqn0 = deb0 = None
+        for s in seeds:
+            # networks use the paper's plain sample test (debias=False): within a few passes the debiased
+            # test doubles the batch at nearly every iteration (docs/optim.md); the default is shown beside it
+            pb = run_pbqn(mk(s), max_passes=passes, seed=s, batch_size=batch, records_per_pass=2, debias=False)
+            db = run_pbqn(mk(s), max_passes=passes, seed=s, batch_size=batch, records_per_pass=2)
+            sg = sgd0 if s == seed else run_sgd(mk(s), lr=sgd_lr, seed=s, **common)
+            ad = adam0 if s == seed else run_adam(mk(s), lr=adam_lr, seed=s, **common)
+            for m, t in (("PBQN", pb), ("PBQN (debiased test)", db), ("SGD (tuned)", sg), ("Adam (tuned)", ad)):
                 best[m].append(max(t.series("test_accuracy")))
             if s == seed:
-                curves_acc = {m: (t.series("passes"), t.series("test_accuracy")) for m, t in traces.items()}
-                metrics["networks"][label] = {"histories": {m: t.records for m, t in traces.items()},
-                                              "pbqn_batch_sizes": traces["PBQN"].info["batch_sizes"],
-                                              "pbqn_counters": traces["PBQN"].counters}
-        name = kind
-        curves(out / f"test_accuracy_{name}.png", curves_acc, xlabel="effective passes over the data",
-               ylabel="test accuracy", title=label)
-        plots.append(f"test_accuracy_{name}.png")
+                pbqn0, deb0 = pb, db
+        assert pbqn0 is not None and deb0 is not None
+        traces = {"PBQN": pbqn0, "PBQN (debiased test)": deb0, "SGD (tuned)": sgd0, "Adam (tuned)": adam0}
+        curves(out / f"test_accuracy_{kind}.png", {m: (t.series("passes"), t.series("test_accuracy"))
+                                                   for m, t in traces.items()},
+               xlabel="effective passes over the data", ylabel="test accuracy", title=f"{label}, seed {seed}")
+        plots.append(f"test_accuracy_{kind}.png")
         mean = {m: float(np.mean(v)) for m, v in best.items()}
-        sd = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in best.items()}
-        metrics["networks"][label].update(best_test_accuracy=best, mean=mean, std=sd)
-        rival = max(mean["SGD (tuned)"], mean["Adam"])
-        tol = 0.03 if quick else max(0.02, 2 * max(sd.values()))
+        sd = {m: float(np.std(v, ddof=1)) for m, v in best.items()}
+        rival_name = max(("SGD (tuned)", "Adam (tuned)"), key=lambda m: mean[m])
+        gaps = [p - r for p, r in zip(best["PBQN"], best[rival_name])]
+        metrics["networks"][label] = {
+            "best_test_accuracy_per_seed": {m: dict(zip(map(str, seeds), v)) for m, v in best.items()},
+            "mean": mean, "std": sd, "rival": rival_name, "paired_gap_per_seed": dict(zip(map(str, seeds), gaps)),
+            "sgd_lr": sgd_lr, "sgd_grid": sgd_grid, "adam_lr": adam_lr, "adam_grid": adam_grid,
+            "pbqn_batch_sizes": pbqn0.info["batch_sizes"], "pbqn_counters": pbqn0.counters,
+            "histories": {m: t.records for m, t in traces.items()}}
         claims.append(Claim(
-            f"{label}: PBQN's best test accuracy is within {tol:.3f} of the better of SGD and Adam",
-            "not recovered (Table 1 values)", f"PBQN {mean['PBQN']:.4f} vs best rival {rival:.4f}",
-            f"PBQN >= rival - {tol:.3f} ({'one seed: about the seed-to-seed spread' if quick else '2 std over 5 seeds'})",
-            mean["PBQN"] >= rival - tol))
-        rows.append([label, len(seeds), *(f"{mean[m]:.4f} ± {sd[m]:.4f}" for m in best),
-                     metrics["networks"][label]["pbqn_batch_sizes"][-1]])
-    table = Table(f"best test accuracy within {passes:g} passes", ["network", "seeds", "PBQN", "PBQN (plain test)",
-                                                                   "SGD (tuned)", "Adam", "final PBQN |S_k|"], rows)
-    notes = ("'PBQN' is leantrain's default (debiased estimate of g^T H g in the sample-size test); 'plain sample "
-             "test' is the paper's practical test as reconstructed (debias=False), shown as an ablation. "
-             "The paper's networks (CIFAR-10 CNNs, AlexNet-like, ResNet18) and its Table 1 values were not recovered; "
-             "this runs the same comparison at CPU scale. PBQN starts at |S_0| = 128 with 25% overlap; SGD batch 32 with "
-             "its step tuned over 0.03, 0.1, 0.3 by final training objective; Adam lr 1e-3, batch 32. "
-             f"{'Quick profile: one seed.' if quick else 'Five seeds.'}")
+            f"{label}: at {passes:g} passes PBQN's best test accuracy is within {tol:.2f} of the better of tuned SGD "
+            "and Adam",
+            "not recovered (Table 1 values; paper: 'competitive' on CIFAR-10 nets)",
+            f"PBQN {mean['PBQN']:.4f} +- {sd['PBQN']:.4f} vs {rival_name} {mean[rival_name]:.4f} +- {sd[rival_name]:.4f}; "
+            f"paired gaps {', '.join(f'{g:+.3f}' for g in gaps)}",
+            f"mean over 5 seeds (paired by seed) PBQN >= rival - {tol:.2f}", mean["PBQN"] >= mean[rival_name] - tol))
+        rows.append([label, *(f"{mean[m]:.4f} ± {sd[m]:.4f}" for m in best), f"{sgd_lr:g}", f"{adam_lr:g}",
+                     pbqn0.info["batch_sizes"][-1]])
+    table = Table(f"best test accuracy within {passes:g} passes (5 seeds)", ["network", "PBQN (paper's test)",
+                  "PBQN (debiased test)", "SGD (tuned)", "Adam (tuned)", "SGD lr", "Adam lr", "final PBQN |S_k| (seed 0)"], rows)
+    notes = (f"All three methods start from the same seeded weights at batch {batch} (PBQN's |S_0|, 25% overlap; SGD "
+             f"and Adam's minibatch). SGD's step is tuned over {', '.join(map(str, NN_SGD_GRID))} and Adam's lr over "
+             f"{', '.join(map(str, ADAM_GRID))} on the first seed by final training objective, then used for all seeds. "
+             "'PBQN' runs the paper's plain inner-product test (debias=False); leantrain's default debiased test is "
+             "shown beside it (on convex problems it is what reaches 1e-4, see pbqn-logreg; on networks within a few "
+             "passes it grows the batch too fast). Passes count gradients and line-search evaluations alike. "
+             "The BatchNorm ResNet trains in train() mode "
+             "(batch statistics; PBQN's variance from 8 micro-batch gradients of one forward pass) and is evaluated in "
+             "eval() mode. The paper's networks (CIFAR-10 CNNs, AlexNet-like, ResNet18, without BN/dropout) and its "
+             "Table 1 values were not recovered.")
     return Result(metrics=metrics, claims=claims, plots=plots, tables=[table], notes=notes)
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import Dataset, TensorDataset
 
+from leantrain.numerics.flat import hvp, named_views
 from leantrain.train import batches
 
 __all__ = ["LossSurface", "as_dataset", "LossFn"]
@@ -112,6 +113,7 @@ class LossSurface:
         self.names = [k for k, _ in params]
         self.shapes = [p.shape for _, p in params]
         self.numels = [p.numel() for _, p in params]
+        self._like = [p for _, p in params]
         self.device = params[0][1].device
         self.x0 = torch.cat([p.detach().reshape(-1).to(self.dtype) for _, p in params]).clone()
         self.dim = int(self.x0.numel())
@@ -140,7 +142,7 @@ class LossSurface:
 
     def parameters_of(self, x: torch.Tensor) -> Mapping[str, torch.Tensor]:
         """The parameter dictionary (views into ``x``) that :func:`torch.func.functional_call` substitutes."""
-        return dict(zip(self.names, (c.view(s) for c, s in zip(torch.split(x, self.numels), self.shapes))))
+        return named_views(x, self.names, self._like)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape != (self.dim,):
@@ -176,7 +178,5 @@ class LossSurface:
         x = (self.x0 if x is None else self._check(x)).detach().requires_grad_(True)
         out = torch.zeros_like(x)
         for b in self._batches:
-            (g,) = torch.autograd.grad(self._batch_loss(x, b), x, create_graph=True)
-            (hv,) = torch.autograd.grad(g @ v, x)
-            out += hv
-        return out.detach()
+            out += hvp(self._batch_loss(x, b), [x], v)
+        return out

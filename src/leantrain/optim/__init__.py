@@ -12,10 +12,11 @@
 See docs/optim.md.
 """
 
-from leantrain.optim.dance import DANCE, conjugate_gradient, shard_rows
-from leantrain.optim.objective import BatchLoss, WorkCounter, hvp_from_gradient
+from leantrain.numerics.flat import conjugate_gradient, hvp_from_gradient
+from leantrain.optim.dance import DANCE, shard_rows
+from leantrain.optim.objective import BatchLoss, IndexClosure, WorkCounter
 from leantrain.optim.pbqn import PBQN, inner_product_test, powell_damping, two_loop
 from leantrain.optim.sampler import ProgressiveSampler
 
-__all__ = ["PBQN", "DANCE", "ProgressiveSampler", "BatchLoss", "WorkCounter", "two_loop", "powell_damping",
+__all__ = ["PBQN", "DANCE", "ProgressiveSampler", "BatchLoss", "IndexClosure", "WorkCounter", "two_loop", "powell_damping",
            "inner_product_test", "conjugate_gradient", "shard_rows", "hvp_from_gradient"]

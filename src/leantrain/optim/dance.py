@@ -61,9 +61,10 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from leantrain.optim.objective import BatchLoss, add_flat_, flatten, hvp_from_gradient
+from leantrain.numerics.flat import add_flat_, conjugate_gradient, flatten, hvp_from_gradient
+from leantrain.optim.objective import BatchLoss
 
-__all__ = ["DANCE", "shard_rows", "shard_count", "conjugate_gradient"]
+__all__ = ["DANCE", "shard_rows", "shard_count"]
 
 
 def shard_count(n: int, rank: int, world_size: int) -> int:
@@ -76,35 +77,6 @@ def shard_rows(num_samples: int, rank: int, world_size: int) -> torch.Tensor:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return torch.arange(rank, num_samples, world_size)
-
-
-def conjugate_gradient(hvp, b: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """Solve ``A v = b`` by CG from ``v = 0`` with ``hvp(u) = A u``; returns ``(v, r, iterations, neg)``.
-
-    ``r = b - A v`` is the recursively updated residual; stops when ``||r|| <= tol``, after
-    ``max_iter`` products, or on non-positive curvature ``u^T A u <= 0`` (``neg=True``; ``v`` is the
-    last iterate, or ``b`` itself if it happened on the first product).
-    """
-    v = torch.zeros_like(b)
-    r = b.clone()
-    u = r.clone()
-    rr = float(r.dot(r))
-    it = 0
-    while math.sqrt(rr) > tol and it < max_iter:
-        au = hvp(u)
-        it += 1
-        uau = float(u.dot(au))
-        if uau <= 0.0:
-            if it == 1:
-                return b.clone(), torch.zeros_like(b), it, True
-            return v, r, it, True
-        step = rr / uau
-        v = v + step * u
-        r = r - step * au
-        rr_new = float(r.dot(r))
-        u = r + (rr_new / rr) * u
-        rr = rr_new
-    return v, r, it, False
 
 
 _COUNTERS = ("newton_iterations", "cg_iterations", "gradient_evals", "hvp_evals", "comm_rounds", "comm_bytes",

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["WorkCounter", "BatchLoss", "flatten", "unflatten", "add_flat_", "hvp_from_gradient", "Rows"]
+from leantrain.numerics.flat import add_flat_, flatten, hvp_from_gradient, unflatten
+
+__all__ = ["WorkCounter", "BatchLoss", "IndexClosure", "flatten", "unflatten", "add_flat_", "hvp_from_gradient", "Rows"]
 
 Rows = torch.Tensor | slice | None
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,41 +51,6 @@ class WorkCounter:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
-
-
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors into one flat vector (a copy)."""
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Split a flat vector into views shaped like ``like``."""
-    out, offset = [], 0
-    for t in like:
-        n = t.numel()
-        out.append(vector[offset:offset + n].view_as(t))
-        offset += n
-    if offset != vector.numel():
-        raise ValueError(f"vector has {vector.numel()} entries, the parameters {offset}")
-    return out
-
-
-@torch.no_grad()
-def add_flat_(params: Sequence[torch.Tensor], vector: torch.Tensor, alpha: float = 1.0) -> None:
-    """``params += alpha * vector`` in place, ``vector`` flat in the order of ``params``."""
-    for p, v in zip(params, unflatten(vector, params)):
-        p.add_(v, alpha=alpha)
-
-
-def hvp_from_gradient(gradient: torch.Tensor, params: Sequence[torch.Tensor], vector: torch.Tensor) -> torch.Tensor:
-    """Exact Hessian-vector product by double backpropagation.
-
-    ``gradient`` is a flat gradient computed with ``create_graph=True``; the result is
-    ``d/dw (gradient(w) . vector) = H(w) vector`` (flat). The graph is retained so the same
-    gradient serves every conjugate-gradient iteration at one point.
-    """
-    parts = torch.autograd.grad(gradient, params, grad_outputs=vector, retain_graph=True, allow_unused=True)
-    return flatten([torch.zeros_like(p) if g is None else g for p, g in zip(params, parts)])
 
 
 class BatchLoss:
@@ -158,6 +125,8 @@ class BatchLoss:
         if losses.shape != (len(x),):
             raise ValueError(f"loss_fn must return per-sample losses of shape ({len(x)},), got {tuple(losses.shape)}; "
                              "use reduction='none'")
+        if self.l2 == 0.0:
+            return losses
         return losses + self.penalty(dict(self.model.named_parameters()))
 
     def losses(self, rows: Rows = None) -> torch.Tensor:
@@ -215,8 +184,10 @@ class BatchLoss:
         grads, values = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(variables, x, y)
         flat = torch.cat([grads[n].reshape(len(x), -1) for n in names], dim=1)
         if self.l2 != 0.0:
-            # the penalty is the same for every sample: its value and gradient l2 * w_reg are added once
-            values = values + self.penalty({**fixed, **variables})
+            # the penalty is the same for every sample: its value and gradient l2 * w_reg are added once.
+            # It covers the model's parameters only, never its buffers (BatchNorm statistics, position ids).
+            values = values + self.penalty({n: t.detach() for n, t in self.model.named_parameters()
+                                            if n not in variables} | variables)
             w = flatten([v for v in variables.values()])
             flat = flat + self.l2 * self.regularized_mask(params).to(w) * w
         return values, flat
@@ -228,3 +199,59 @@ class BatchLoss:
         if self.counter is not None:
             self.counter.hvps += len(self._select(rows)[0])
         return hvp_from_gradient(g, params, vector).detach()
+
+
+class IndexClosure:
+    """A plain closure on sample indices, seen as a sample objective on one batch.
+
+    ``fn(indices) -> scalar`` must return the *mean* loss (regularization included, if any) over
+    the data-set samples ``indices`` (a 1-D ``torch.long`` tensor), computed by the caller's model
+    in whatever mode it is in; ``indices`` are the batch's global indices from the sampler. This is
+    the closure form :meth:`leantrain.optim.PBQN.step` accepts besides :class:`BatchLoss`. It offers
+    values and gradients on sub-batches (``rows`` index into ``indices``), not per-sample gradients,
+    so PBQN estimates variances from micro-batch gradients (``variance="groups"``).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tensor, *,
+                 counter: WorkCounter | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"closure must be callable as closure(indices) -> mean loss, got {type(fn).__name__}")
+        self.fn = fn
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        if self.indices.dim() != 1 or len(self.indices) == 0:
+            raise ValueError("indices: need a non-empty 1-D tensor of sample indices")
+        self.counter = counter
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _call(self, rows: Rows) -> torch.Tensor:
+        idx = self.indices if rows is None else self.indices[rows]
+        loss = self.fn(idx)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("closure(indices) must return the mean loss over those samples as a scalar tensor, got "
+                             f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+        return loss
+
+    @torch.no_grad()
+    def value(self, rows: Rows = None) -> torch.Tensor:
+        """Mean loss over ``rows`` (all by default) without gradient; counts ``|rows|`` function evaluations."""
+        loss = self._call(rows)
+        if self.counter is not None:
+            self.counter.functions += len(self.indices) if rows is None else len(self.indices[rows])
+        return loss.detach()
+
+    def gradient(self, params: Sequence[torch.Tensor], rows: Rows = None, *, reduction: str = "mean",
+                 create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F, flat gradient)`` over ``rows``, summed or averaged; counts ``|rows|`` gradient evaluations."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        m = len(self.indices) if rows is None else len(self.indices[rows])
+        if self.counter is not None:
+            self.counter.gradients += m
+        with torch.enable_grad():
+            loss = self._call(rows)
+            total = loss * m if reduction == "sum" else loss
+            parts = torch.autograd.grad(total, params, create_graph=create_graph, allow_unused=True)
+        g = flatten([torch.zeros_like(p) if t is None else t for p, t in zip(params, parts)])
+        return (total if create_graph else total.detach()), g

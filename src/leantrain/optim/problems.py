@@ -9,7 +9,10 @@ coefficient; its objective is ``F(w) = (1/n) sum_i loss(model(x_i), y_i) + (l2/2
   mean and standard deviation (constant features left at 0); weights and bias start at 0;
   float64 by default. Convex; :func:`reference_optimum` finds ``F*`` with scipy.
 - ``mlp``: :class:`leantrain.models.MLP` (tanh, so the Hessian exists everywhere) on flattened inputs;
-- ``cnn``: :class:`leantrain.models.LeNet` on image data sets (``(C, H, W)`` inputs, ``H, W >= 8``).
+- ``cnn``: :class:`leantrain.models.LeNet` on image data sets (``(C, H, W)`` inputs, ``H, W >= 8``);
+- ``bncnn``: a ResNet-8 of width 4 with BatchNorm (:class:`leantrain.models.resnet.ResNet`), trained in
+  ``train()`` mode (batch statistics); accuracy is measured in ``eval()`` mode (running statistics),
+  and evaluations never change the model's buffers.
 
 Data sets: any name of :func:`leantrain.data.load_dataset`, a LIBSVM/svmlight file path (read by
 the ``libsvm`` loader), or ``synthlogreg`` (:func:`synthetic_logistic`, n = 100000 by default).
@@ -28,13 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from leantrain.optim.objective import BatchLoss, WorkCounter, flatten
+from leantrain.numerics.flat import flatten, named_views, set_flat_
+from leantrain.optim.objective import BatchLoss, WorkCounter
 from leantrain.validation import check_choice, check_int, check_range, check_seed
 
 __all__ = ["Problem", "make_problem", "synthetic_logistic", "reference_optimum", "binary_logistic_loss",
            "cross_entropy_loss", "load_split", "PROBLEMS"]
 
-PROBLEMS = ("logreg", "mlp", "cnn")
+PROBLEMS = ("logreg", "mlp", "cnn", "bncnn")
 
 
 def binary_logistic_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -88,23 +92,30 @@ class Problem:
 
     @torch.no_grad()
     def accuracy(self, split: str = "test") -> float:
+        """Accuracy in ``eval()`` mode (BatchNorm on its running statistics); the mode is restored."""
         x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
-        return float((self._predict(x) == y).double().mean())
+        was = self.model.training
+        self.model.eval()
+        try:
+            return float((self._predict(x) == y).double().mean())
+        finally:
+            self.model.train(was)
 
     def evaluate(self) -> dict[str, float]:
-        """Full training objective, its gradient norm and test accuracy (not counted as work)."""
+        """Full training objective, its gradient norm and test accuracy (not counted as work; the
+        model's buffers, e.g. BatchNorm running statistics, are left as they were)."""
+        buffers = [t.clone() for t in self.model.buffers()]
         obj, g = self.batch_loss().gradient(self.parameters())
+        with torch.no_grad():
+            for t, t0 in zip(self.model.buffers(), buffers):
+                t.copy_(t0)
         return {"objective": float(obj), "grad_norm": float(g.norm()), "test_accuracy": self.accuracy("test")}
 
     def flat_weights(self) -> torch.Tensor:
         return flatten([p.detach() for p in self.parameters()])
 
     def set_flat_weights(self, w: torch.Tensor) -> None:
-        with torch.no_grad():
-            offset = 0
-            for p in self.parameters():
-                p.copy_(w[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        set_flat_(self.parameters(), w)
 
     def weights(self) -> dict[str, list]:
         """The parameters by name, as nested lists (the final weights of a linear model)."""
@@ -205,6 +216,15 @@ def make_problem(problem: str, dataset: str | Path, l2: float | None = None, *, 
         model = MLP(int(np.prod(shape)), k, hidden=hidden, activation="tanh")
         loss_fn = cross_entropy_loss
         prep = f"MLP {hidden} tanh, seed {seed}"
+    elif problem == "bncnn":
+        from leantrain.models.resnet import ResNet
+
+        if len(shape) != 3:
+            raise ValueError(f"problem 'bncnn' needs image inputs (C, H, W); dataset {info['name']!r} has input shape {shape}")
+        torch.manual_seed(seed)
+        model = ResNet(depth=8, width=4, in_channels=shape[0], num_classes=k).train()
+        loss_fn = cross_entropy_loss
+        prep = f"ResNet-8 width 4 with BatchNorm in train mode, seed {seed}"
     else:
         from leantrain.models import LeNet
 
@@ -272,9 +292,7 @@ def _objective_at(problem: Problem, obj: BatchLoss, w: torch.Tensor) -> torch.Te
     """``F(w)`` as a function of the flat weights (for the dense Hessian)."""
     from torch.func import functional_call
 
-    named, offset = {}, 0
-    for name, p in problem.model.named_parameters():
-        named[name] = w[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
+    names, params = zip(*problem.model.named_parameters())
+    named = named_views(w, names, params)
     losses = problem.loss_fn(functional_call(problem.model, named, (problem.x_train,)), problem.y_train)
     return losses.mean() + obj.penalty(named)

@@ -5,15 +5,18 @@ Every runner returns a :class:`Trace`: one record per iteration (or per logging 
 ``objective`` and ``grad_norm`` of the full training objective, ``test_accuracy``, ``wall_time``
 (seconds of optimization, the logging evaluations excluded) and method-specific fields
 (PBQN ``batch_size``; DANCE ``stage``, ``n``, ``cg_iterations``, communication counts).
+``Trace.stopped`` says why the run ended: ``"budget"`` (pass or iteration budget spent),
+``"stop"`` (the caller's ``stop`` rule, e.g. a tolerance, held) or ``"converged"`` (the method's
+own end: DANCE's last stage passed its test, torch LBFGS met its tolerances).
 
 Baselines:
 
 - ``sgd``: plain minibatch SGD (batch 32 by default) with a step from a small grid
   (:func:`tune_sgd` keeps the step with the lowest final training objective);
 - ``adam``: ``torch.optim.Adam`` (lr 1e-3, batch 32);
-- ``lbfgs``: ``torch.optim.LBFGS`` on the full batch with the strong-Wolfe line search, memory 10;
-  each objective+gradient evaluation at a new point counts one pass (re-evaluations at an
-  unchanged point are served from a cache and not counted);
+- ``lbfgs``: ``torch.optim.LBFGS`` on the full batch as its users configure it (strong-Wolfe line
+  search, torch's default evaluation budget per ``step``); each closure call (objective and
+  gradient over the full data) counts one pass;
 - ``newton-cg``: DANCE's damped Newton-CG run on the full data from the start (``m_0 = N``).
 """
 
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 
 from leantrain.optim.dance import DANCE, shard_rows
-from leantrain.optim.objective import WorkCounter, flatten
+from leantrain.optim.objective import WorkCounter
 from leantrain.optim.pbqn import PBQN
 from leantrain.optim.problems import Problem, make_problem
 from leantrain.optim.sampler import ProgressiveSampler
@@ -56,6 +59,7 @@ class Trace:
     weights: dict[str, list] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     iterates: list[torch.Tensor] | None = None
+    stopped: str = "budget"
 
     def series(self, key: str) -> list[float]:
         return [r[key] for r in self.records if key in r]
@@ -121,6 +125,7 @@ def run_pbqn(problem: Problem, *, max_passes: float = 20.0, max_iterations: int 
             done = rec(passes, iteration=it, batch_size=last["batch_size"], alpha0=last["alpha0"], alpha=last["alpha"],
                        backtracks=last["backtracks"], pair=last["pair"])
             if done:
+                trace.stopped = "stop"
                 break
         if final:
             break
@@ -169,6 +174,7 @@ def run_dance(problem: Problem, *, initial_samples: int = 128, growth: float = 2
             dist.broadcast(flag.to(problem.x_train.device), src=0)
             stop_now = bool(flag.item())
         if opt.done or stop_now or opt.passes() >= max_passes:
+            trace.stopped = "converged" if opt.done else "stop" if stop_now else "budget"
             break
     trace.counters = {**opt.counters, "passes": opt.passes()}
     trace.info["stage_sizes"] = list(opt.state[opt._params[0]]["stage_sizes"])
@@ -236,6 +242,7 @@ def _run_first_order(problem: Problem, method: str, optimizer: torch.optim.Optim
                 break
     trace.counters = counter.as_dict()
     trace.info["diverged"] = diverged
+    trace.stopped = "diverged" if diverged else "stop" if done else "budget"
     trace.weights = problem.weights() if problem.convex else None
     del params
     return trace
@@ -279,60 +286,104 @@ def tune_sgd(problem: Problem, *, grid: Sequence[float] = SGD_GRID, **kwargs: An
     return trace
 
 
-def run_lbfgs(problem: Problem, *, max_passes: float = 100.0, history_size: int = 10, max_iterations: int = 10_000,
-              stop: Stop | None = None) -> Trace:
-    """``torch.optim.LBFGS`` on the full batch with the strong-Wolfe line search (one record per iteration)."""
+class _Stopped(Exception):
+    """Raised inside torch's LBFGS closure to end a run when ``stop`` or the budget says so."""
+
+
+def run_lbfgs(problem: Problem, *, max_passes: float = 100.0, history_size: int = 100, max_iter: int = 20,
+              max_eval: int | None = None, max_iterations: int = 10_000, stop: Stop | None = None) -> Trace:
+    """``torch.optim.LBFGS`` on the full batch, configured as its users do: ``lr=1``,
+    ``line_search_fn="strong_wolfe"`` and torch's default budget per ``step(closure)`` call
+    (``max_iter=20``, ``max_eval=max_iter * 5 // 4``, ``history_size=100``, ``tolerance_grad=1e-7``,
+    ``tolerance_change=1e-9``), ``step`` called in a loop.
+
+    Every closure call is one objective+gradient over the full data and is charged one pass, and
+    every call is recorded (so ``passes_to`` is exact). The run ends with ``stopped="converged"``
+    when a ``step`` returns after a single evaluation (torch's tolerances met), ``"stop"`` when
+    ``stop`` says so, ``"budget"`` at ``max_passes``.
+    """
     params = problem.parameters()
     counter = WorkCounter()
     objective = problem.batch_loss()
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=history_size, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-14, tolerance_change=1e-16)
-    cache: dict[str, Any] = {}
-
-    def closure() -> torch.Tensor:
-        w = flatten([p.detach() for p in params])
-        if "w" in cache and torch.equal(cache["w"], w):
-            loss, grads = cache["loss"], cache["grads"]
-        else:
-            counter.gradients += problem.n
-            loss = objective.losses().mean()
-            grads = torch.autograd.grad(loss, params)
-            loss = loss.detach()
-            cache.update(w=w, loss=loss, grads=grads)
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        return loss
-
-    trace = Trace("lbfgs", info={"history_size": history_size, "line_search": "strong_wolfe"})
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=max_eval, history_size=history_size,
+                            line_search_fn="strong_wolfe")
+    trace = Trace("lbfgs", info={"history_size": history_size, "line_search": "strong_wolfe", "max_iter": max_iter,
+                                 "max_eval": opt.defaults["max_eval"], "tolerance_grad": opt.defaults["tolerance_grad"],
+                                 "tolerance_change": opt.defaults["tolerance_change"]})
     rec = _Recorder(problem, trace, stop)
     rec(0.0, iteration=0)
-    for it in range(1, max_iterations + 1):
+    state = {"stopped": None}
+
+    def closure() -> torch.Tensor:
+        if state["stopped"] is not None:
+            raise _Stopped
+        counter.gradients += problem.n
+        opt.zero_grad(set_to_none=True)
+        loss = objective.losses().mean()
+        loss.backward()
+        done = rec(counter.passes(problem.n), evaluation=counter.gradients // problem.n)
+        if done:
+            state["stopped"] = "stop"
+        elif counter.passes(problem.n) >= max_passes - 1e-12:
+            state["stopped"] = "budget"
+        return loss.detach()
+
+    for _ in range(max_iterations):
         before = counter.gradients
-        opt.step(closure)
-        done = rec(counter.passes(problem.n), iteration=it)
-        if done or counter.passes(problem.n) >= max_passes or counter.gradients == before:
-            break  # (no new evaluation: torch's LBFGS met its tolerances)
+        try:
+            opt.step(closure)
+        except _Stopped:
+            pass
+        if state["stopped"] is not None:
+            break
+        if counter.gradients - before <= problem.n:
+            state["stopped"] = "converged"  # one evaluation: torch's tolerance_grad / tolerance_change met
+            break
+    trace.stopped = state["stopped"] or "budget"
     trace.counters = counter.as_dict()
     trace.weights = problem.weights() if problem.convex else None
     return trace
 
 
-def run_method(method: str, problem: Problem, *, max_passes: float = 20.0, seed: int = 0, **kwargs: Any) -> Trace:
+def run_method(method: str, problem: Problem, *, max_passes: float = 20.0, seed: int = 0, tol: float | None = None,
+               stop: Stop | None = None, **kwargs: Any) -> Trace:
     """Dispatch by name: ``pbqn``, ``dance``, ``newton-cg``, ``sgd`` (tuned over :data:`SGD_GRID`),
-    ``adam``, ``lbfgs``."""
+    ``adam``, ``lbfgs``.
+
+    ``tol``: stop as soon as a record's full-objective gradient norm ``||grad F(w)|| <= tol``
+    (then ``trace.stopped == "tol"``); DANCE and Newton-CG also get it as ``final_gradient_tol``,
+    so their last stage does not end at its statistical accuracy before it.
+    """
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    met = {"tol": False}
+
+    def rule(rec: dict[str, Any]) -> bool:
+        user = bool(stop(rec)) if stop is not None else False
+        if tol is not None and rec["grad_norm"] <= tol:
+            met["tol"] = True
+            return True
+        return user
+
+    if tol is not None and method in ("dance", "newton-cg"):
+        kwargs.setdefault("final_gradient_tol", tol)
     if method == "pbqn":
-        return run_pbqn(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "dance":
-        return run_dance(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "newton-cg":
-        return run_newton_cg(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "sgd":
-        return tune_sgd(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "adam":
-        return run_adam(problem, max_passes=max_passes, seed=seed, **kwargs)
-    if method == "lbfgs":
-        return run_lbfgs(problem, max_passes=max_passes, **kwargs)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        trace = run_pbqn(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "dance":
+        trace = run_dance(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "newton-cg":
+        trace = run_newton_cg(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "sgd":
+        trace = tune_sgd(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "adam":
+        trace = run_adam(problem, max_passes=max_passes, seed=seed, stop=rule, **kwargs)
+    elif method == "lbfgs":
+        trace = run_lbfgs(problem, max_passes=max_passes, stop=rule, **kwargs)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if met["tol"] and trace.stopped in ("stop", "converged"):
+        trace.stopped = "tol"
+    return trace
 
 
 # -- distributed DANCE -------------------------------------------------------------------------

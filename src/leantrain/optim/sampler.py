@@ -10,6 +10,9 @@ Use it as ``DataLoader(dataset, batch_sampler=sampler)``. Batch ``k`` is laid ou
 
 So consecutive batches share exactly ``O_k`` (the multi-batch curvature pairs of PBQN use it),
 indices within a batch are distinct, and a batch of the full size ``n`` is the whole data set.
+The first full-size batch follows the layout (it starts with the carried ``O_{k-1}``); every later
+one repeats it in the *same order*, so a function of the batch order (the micro-batches PBQN
+evaluates BatchNorm models on) is the same function at every full-data iteration.
 The batch size never decreases and is capped at ``n``; :meth:`grow_to` is how the optimizer
 enlarges it. Resizing takes effect at the next batch the sampler *generates*: with a
 DataLoader that prefetches (``num_workers > 0``) it lags by the prefetched batches, which is
@@ -63,6 +66,7 @@ class ProgressiveSampler(Sampler[list[int]]):
         self._batch_size = min(int(batch_size), self.num_samples)
         self._rng = np.random.default_rng(seed)
         self._carry: list[int] = []
+        self._full: list[int] | None = None
         self.batches_drawn = 0
 
     @property
@@ -78,6 +82,9 @@ class ProgressiveSampler(Sampler[list[int]]):
     def next_batch(self) -> list[int]:
         """Generate the next batch of indices ``[O_{k-1} | N_k | O_k]``."""
         b = self._batch_size
+        if b == self.num_samples and self._full is not None:
+            self.batches_drawn += 1
+            return list(self._full)
         carried = self._carry
         perm = self._rng.permutation(self.num_samples)
         if carried:
@@ -88,6 +95,8 @@ class ProgressiveSampler(Sampler[list[int]]):
         batch = carried + fresh
         c = overlap_size(b, self.overlap)
         self._carry = batch[len(batch) - c:] if c else []
+        if b == self.num_samples:
+            self._full = list(batch)
         self.batches_drawn += 1
         return batch
 
@@ -104,7 +113,8 @@ class ProgressiveSampler(Sampler[list[int]]):
 
     def state_dict(self) -> dict[str, Any]:
         return {"batch_size": self._batch_size, "carry": list(self._carry), "rng": self._rng.bit_generator.state,
-                "batches_drawn": self.batches_drawn, "num_samples": self.num_samples, "overlap": self.overlap}
+                "batches_drawn": self.batches_drawn, "num_samples": self.num_samples, "overlap": self.overlap,
+                "full": None if self._full is None else list(self._full)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_samples"] != self.num_samples or state["overlap"] != self.overlap:
@@ -113,3 +123,5 @@ class ProgressiveSampler(Sampler[list[int]]):
         self._carry = [int(i) for i in state["carry"]]
         self._rng.bit_generator.state = state["rng"]
         self.batches_drawn = int(state["batches_drawn"])
+        full = state.get("full")
+        self._full = None if full is None else [int(i) for i in full]
