@@ -33,9 +33,9 @@ def test_shipped_expert_assets_are_valid(demos):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("variant", ["gail", "rail-active"])
 def test_short_run_improves_on_the_random_policy(demos, variant):
-    # "rail-active": nu tracks the batch VaR so that the CVaR term is certainly at work
+    # "rail-active": RAIL's defaults (nu = the batch VaR), so the CVaR term is at work
     cfg = RAILConfig(lam=0.0, batch_steps=2000, n_envs=4) if variant == "gail" else \
-        RAILConfig(lam=0.5, batch_steps=2000, n_envs=4, nu_mode="quantile")
+        RAILConfig(lam=0.5, batch_steps=2000, n_envs=4)
     algo = RAIL(ENV, demos, cfg, seed=0)
     before = evaluate_policy(policy_actor(algo.policy, seed=1), ENV, episodes=20, seed=0)["summary"]["mean"]
     for _ in range(8):
@@ -49,7 +49,7 @@ def test_short_run_improves_on_the_random_policy(demos, variant):
 
 
 def test_resume_from_state_dict_is_exact(demos, tmp_path):
-    cfg = RAILConfig(lam=0.5, batch_steps=600, n_envs=3, nu_mode="quantile", vf_epochs=1)
+    cfg = RAILConfig(lam=0.5, batch_steps=600, n_envs=3, vf_epochs=1)
     straight = RAIL(ENV, demos, cfg, seed=3)
     for _ in range(3):
         straight.iterate()
@@ -95,3 +95,23 @@ def test_cli_train_resume_eval(tmp_path, capsys):
     assert s["episodes"] == 6 and s["CVaR_0.9"] >= s["VaR_0.9"] >= min(out["agent"]["costs"])
     assert out["expert"]["summary"]["mean"] <= -950  # the shipped expert beside the demonstrations was rolled out
     assert (tmp_path / "part" / "eval_costs.png").stat().st_size > 0
+
+
+def test_default_tail_term_is_active_in_every_iteration(demos):
+    """Defaults: nu is the batch VaR, so P(R > nu) <= 1 - alpha <= P(R >= nu) and the weights act every iteration."""
+    algo = RAIL(ENV, demos, RAILConfig(lam=0.5, batch_steps=1000, n_envs=4, vf_epochs=1), seed=1)
+    for _ in range(4):
+        algo.iterate()
+    algo.close()
+    for h in algo.history:
+        assert h["nu"] == h["traj_cost_var"]
+        assert h["tail_fraction_strict"] <= 0.1 <= h["tail_fraction"], h
+        assert h["tail_weight_mean"] > 0, h
+        if h["iteration"] > 0:  # the zero-initialised discriminator gives equal costs to equal lengths at first
+            assert h["tail_fraction"] <= 0.1 + 1 / h["episodes"] + 1e-12, h
+    # the authors' nu (U[0,1), lr 0.01) never reaches the negative learned costs: the tail stays empty
+    sgd = RAIL(ENV, demos, RAILConfig(lam=0.5, batch_steps=1000, n_envs=4, vf_epochs=1, nu_mode="gradient"), seed=1)
+    for _ in range(2):
+        sgd.iterate()
+    sgd.close()
+    assert all(h["tail_fraction"] == 0 and h["tail_weight_mean"] == 0 for h in sgd.history)

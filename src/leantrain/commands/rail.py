@@ -46,10 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, required=True, help="total environment steps to train for")
     t.add_argument("--batch-steps", type=int, default=None, help="state-action pairs per iteration (default 50000)")
     t.add_argument("--n-envs", type=int, default=8, help="vectorized environments for rollouts (default 8)")
-    t.add_argument("--nu-mode", choices=["gradient", "quantile"], default="gradient",
-                   help="gradient: the paper code's nu update; quantile: ablation, nu = empirical VaR of each batch")
+    t.add_argument("--nu-mode", choices=["var", "gradient"], default="var",
+                   help="var (default): nu = the batch's VaR of R_j, the exact minimizer of the CVaR objective; "
+                        "gradient: the authors' code, gradient descent on nu from U[0,1) with lr 0.01")
     t.add_argument("--disc-cvar-weight", type=float, default=1.0,
-                   help="weight of the code's discriminator-side CVaR term (default 1; 0 disables)")
+                   help="weight of the discriminator's CVaR term of the RAIL objective (default 1; 0 disables)")
     t.add_argument("--eval-every", type=int, default=10, help="evaluate every K iterations (0: never; default 10)")
     t.add_argument("--eval-episodes", type=int, default=10, help="episodes per periodic evaluation (default 10)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
