@@ -474,6 +474,8 @@ def test_collect_episodes_and_min_steps():
         assert b.episodes == 5 and np.all(b.lengths == 200) and not b.terminated.any()  # time limit only
         b2 = collect(envs, lambda o: np.full((o.shape[0], 1), 5.0, np.float32), min_steps=450)
         assert b2.steps >= 450 and np.all(b2.lengths == 200)
+        b4 = collect(envs, lambda o: np.zeros((o.shape[0], 1), np.float32), min_steps=450, min_episodes=7)
+        assert b4.episodes >= 7 and b4.episodes <= 7 + 2  # the other sub-envs finish their running episodes
         assert np.all(np.abs(b2.env_actions) <= 2.0) and np.all(b2.actions == 5.0)  # clipped for the env only
     finally:
         envs.close()

@@ -360,7 +360,7 @@ class MediumProfile:
 
     tasks: tuple[str, ...] = MEDIUM_TASKS
     seeds: int = 5
-    iterations: int = 100
+    iterations: int = 120
     batch_steps: int = 5000
     n_envs: int = 8
     eval_episodes: int = 50

@@ -51,7 +51,8 @@ hand-made batch (tests/test_rail.py).
 
 **One iteration** (:meth:`RAIL.iterate`), in the order of the authors' code (method notes, step 9):
 
-1. sample complete trajectories with at least ``batch_steps`` state-action pairs;
+1. sample complete trajectories with at least ``batch_steps`` state-action pairs and at least
+   ``min_trajectories`` trajectories (so that the alpha-tail of the batch is not empty);
 2. surrogate rewards ``r = softplus(z(s, a))`` from the current discriminator, GAE advantages
    (``gamma = 0.995``, ``lambda_GAE = 0.97``) and discounted returns;
 3. trajectory costs ``R_j = -sum_t gamma^t r_t``; ``nu`` (batch VaR by default), the tail
@@ -71,6 +72,7 @@ everywhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +109,11 @@ class RAILConfig:
     ``nu_mode="var"`` (default): ``nu`` is the exact minimizer of ``H_alpha``, the batch's
     ``VaR_alpha`` of ``R_j``, set before the weights are computed; ``"gradient"``: the authors'
     gradient descent on ``nu`` (``nu_lr``, ``nu_0 ~ U[0, 1)``). ``disc_cvar_weight`` scales the
-    discriminator's CVaR term (1 = the objective, 0 = off).
+    discriminator's CVaR term (1 = the objective, 0 = off). ``min_trajectories`` (default
+    ``ceil(2 / (1 - alpha))``, 20 at alpha 0.9) is the least number of complete trajectories per
+    batch: with fewer than ``1 / (1 - alpha)`` the batch VaR is the largest cost and every tail weight
+    ``(R_j - nu)^+`` is 0, so the tail term would not act (e.g. 5 trajectories of 1000 steps in a
+    5,000-pair batch). GAIL gets the same sampler, so paired runs see batches of equal size.
     """
 
     alpha: float = 0.9
@@ -115,6 +121,7 @@ class RAILConfig:
     gamma: float = 0.995
     gae_lambda: float = 0.97
     batch_steps: int = 50_000
+    min_trajectories: int | None = None
     n_envs: int = 8
     hidden: tuple[int, ...] = (100, 100)
     max_kl: float = 0.01
@@ -140,6 +147,14 @@ class RAILConfig:
             raise ValueError("gamma must lie in (0, 1) and gae_lambda in [0, 1]")
         if self.batch_steps < 1 or self.n_envs < 1:
             raise ValueError("batch_steps and n_envs must be >= 1")
+        if self.min_trajectories is None:
+            self.min_trajectories = math.ceil(round(2.0 / (1.0 - self.alpha), 9))
+        if self.min_trajectories < 1:
+            raise ValueError(f"min_trajectories must be >= 1, got {self.min_trajectories}")
+        if self.lam > 0 and self.min_trajectories < 1.0 / (1.0 - self.alpha):
+            raise ValueError(f"min_trajectories must be >= 1 / (1 - alpha) = {1.0 / (1.0 - self.alpha):g} for RAIL "
+                             f"(lam > 0), else the batch VaR is the largest cost and the tail term is 0; got "
+                             f"{self.min_trajectories}")
         if self.nu_mode not in NU_MODES:
             raise ValueError(f"nu_mode must be 'var' (nu = batch VaR, the exact minimizer) or 'gradient' (the "
                              f"authors' gradient descent on nu), got {self.nu_mode!r}")
@@ -224,8 +239,10 @@ class RAIL:
         return self.policy.act(o, deterministic=deterministic, generator=self.generator).cpu().numpy()
 
     def collect(self, progress: Callable[[int], None] | None = None) -> RolloutBatch:
-        """Step 1: complete trajectories, at least ``batch_steps`` pairs, env seeds fixed by the iteration."""
-        return collect(self.envs, self.act, min_steps=self.config.batch_steps, progress=progress,
+        """Step 1: complete trajectories (at least ``batch_steps`` pairs and ``min_trajectories`` of them), env
+        seeds fixed by the iteration."""
+        return collect(self.envs, self.act, min_steps=self.config.batch_steps,
+                       min_episodes=self.config.min_trajectories, progress=progress,
                        seed=self.seed * 1_000_003 + self.iteration * self.config.n_envs)
 
     # ------------------------------------------------------------------------------------- update
