@@ -332,7 +332,7 @@ def _notes(res: dict[str, Any], setup: Setup) -> str:
 
 
 @experiment("rail-quick", arxiv=ARXIV, title="RAIL vs GAIL tail risk on InvertedPendulum-v5 (shipped expert)",
-            claim=CLAIM, quick_minutes=3.5)
+            claim=CLAIM, quick_minutes=3.0)
 def run_quick(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     env_id = "InvertedPendulum-v5"
     quick = profile == "quick"
