@@ -421,7 +421,8 @@ def medium_section(out: Path, results: Path = MEDIUM_RESULTS) -> tuple[list[Clai
     import shutil
 
     if not results.is_file():
-        return [], [], [], (f"Medium profile: no committed results at `{results}`. Run `leantrain rail medium --out DIR` "
+        shown = "leantrain/assets/rail/medium/metrics.json" if results == MEDIUM_RESULTS else str(results)
+        return [], [], [], (f"Medium profile: no committed results at `{shown}`. Run `leantrain rail medium --out DIR` "
                             "(about an hour on 2 idle cores; needs Hopper-v5 and HalfCheetah-v5 experts under "
                             "leantrain/assets/rail/, see docs/rail.md) and commit DIR/metrics.json and DIR/*/*.png there.")
     m = json.loads(results.read_text())
