@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 from scipy import integrate, stats
 
 from leantrain.imitation import rail as rail_module
-from leantrain.imitation.discriminator import Discriminator
+from leantrain.imitation.discriminator import Discriminator, TrajectoryCVaR
 from leantrain.imitation.envs import collect, make_vec_env
 from leantrain.imitation.policies import GaussianPolicy, Standardizer
 from leantrain.imitation.rail import RAIL, RAILConfig, gae
 from leantrain.imitation.risk import (
     conditional_value_at_risk,
+    discount_weights,
     discounted_trajectory_costs,
-    discriminator_tail_weights,
     gain_in_reliability,
     nu_gradient,
     relative_tail_risk,
@@ -30,7 +30,7 @@ from leantrain.imitation.risk import (
     value_at_risk,
 )
 from leantrain.imitation.trajectories import ExpertTrajectories, load_trajectories, save_trajectories
-from leantrain.imitation.trpo import trpo_step
+from leantrain.imitation.trpo import trpo_step, trpo_surrogate
 
 ENV = "InvertedPendulum-v5"
 
@@ -118,8 +118,7 @@ def test_tail_weights_formula_on_crafted_batch():
     assert np.all(w[costs < nu] == 0) and np.all(w[costs > nu] > 0)
     # nu gradient: 3 of 5 trajectories at or above nu -> lam * (1 - 3 / (0.1 * 5))
     assert nu_gradient(costs, nu, alpha=alpha, lam=lam) == pytest.approx(0.5 * (1 - 3 / 0.5))
-    u = discriminator_tail_weights(costs, [3, 4, 5, 6, 7], nu, alpha=alpha, lam=lam, gamma=0.9)
-    np.testing.assert_allclose(u, [0, 0, 5 * (1 - 0.9**5) / 0.1, 5 * (1 - 0.9**6) / 0.1, 5 * (1 - 0.9**7) / 0.1])
+    np.testing.assert_allclose(discount_weights([2, 3], 0.9), [1, 0.9, 1, 0.9, 0.81])
     assert np.all(tail_weights(costs, -100.0, alpha=alpha, lam=0.0) == 0)
 
 
@@ -160,8 +159,9 @@ def _expert(seed: int = 0) -> ExpertTrajectories:
 
 
 def test_rail_update_uses_notes_tail_weights(monkeypatch):
-    """Inside RAIL.update the TRPO step receives w_j = lam/(1-alpha) (R_j - nu) 1[R_j >= nu] per pair."""
-    cfg = RAILConfig(lam=0.5, alpha=0.9, batch_steps=600, n_envs=4, vf_epochs=1)
+    """Inside RAIL.update the TRPO step receives w_j = lam/(1-alpha) (R_j - nu) 1[R_j >= nu] per pair,
+    divided by the same scale std(A) as the advantages (nu_mode "gradient": the authors' nu step)."""
+    cfg = RAILConfig(lam=0.5, alpha=0.9, batch_steps=600, n_envs=4, vf_epochs=1, nu_mode="gradient")
     algo = RAIL(ENV, _expert(), cfg, seed=0)
     batch = _batch(1)
     # the discriminator starts with a zero output layer: r = log 2 on every pair, so
@@ -177,14 +177,185 @@ def test_rail_update_uses_notes_tail_weights(monkeypatch):
         captured["w"] = kwargs["tail_weights"].clone()
         return real(*args, **kwargs)
 
+    with torch.no_grad():  # the advantages RAIL computes (r = log 2 everywhere), for their scale
+        values = algo.value(torch.as_tensor(batch.obs)).double().numpy()
+        final = algo.value(torch.as_tensor(batch.final_obs)).double().numpy()
+    adv = gae(np.full(batch.steps, math.log(2)), values, batch.lengths, np.where(batch.terminated, 0.0, final),
+              cfg.gamma, cfg.gae_lambda)
     monkeypatch.setattr(rail_module, "trpo_step", spy)
     stats = algo.update(batch)
     w_traj = np.where(costs >= stats["nu"], 0.5 / 0.1 * (costs - stats["nu"]), 0.0)
-    np.testing.assert_allclose(captured["w"].numpy(), np.repeat(w_traj, batch.lengths), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(captured["w"].numpy() * adv.std(), np.repeat(w_traj, batch.lengths), rtol=1e-4,
+                               atol=1e-5)
     assert 0 < stats["tail_fraction"] < 1
     frac = np.mean(costs >= stats["nu"])
     assert algo.nu == pytest.approx(stats["nu"] - 0.01 * 0.5 * (1 - frac / 0.1), rel=1e-12)
     algo.close()
+
+
+# ------------------------------------------------------- the RAIL objective: each player's gradient
+# J(theta, nu, phi) = E_pi[log D] + E_E[log(1 - D)] + lam * H_alpha(R_D, nu), R_D(xi) = sum_t gamma^t log D,
+# min over theta and nu, max over phi (leantrain.imitation.rail). The oracles below evaluate J on a
+# hand-made batch in float64, written out independently of the implementation (loops, log(1 - sigmoid)).
+LENGTHS = [3, 1, 4, 2]  # N = 4 trajectories, M = 10 pairs
+ALPHA, LAM, GAMMA = 0.75, 0.5, 0.9
+
+
+def _hand_batch():
+    g = torch.Generator().manual_seed(7)
+    m = sum(LENGTHS)
+    obs, act = torch.randn(m, 2, generator=g, dtype=torch.float64), torch.randn(m, 1, generator=g, dtype=torch.float64)
+    ex_obs, ex_act = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 1, generator=g, dtype=torch.float64)
+    episode = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS))
+    return obs, act, ex_obs, ex_act, episode
+
+
+def _oracle_rockafellar(costs: list, nu) -> torch.Tensor:
+    excess = sum(torch.clamp(c - nu, min=0.0) for c in costs)
+    return nu + excess / ((1 - ALPHA) * len(costs))
+
+
+def test_nu_gradient_and_minimizer_against_the_objective():
+    costs = np.array([-7.0, -2.5, -4.0, -1.0, -3.2, -6.1, -0.4, -5.5])
+    h = lambda nu: LAM * rockafellar_uryasev(costs, nu, ALPHA)  # noqa: E731
+    for nu in (-8.0, -5.0, -3.0, -2.0, -0.7, 1.0):  # away from the kinks (the samples)
+        fd = (h(nu + 1e-6) - h(nu - 1e-6)) / 2e-6
+        assert nu_gradient(costs, nu, alpha=ALPHA, lam=LAM) == pytest.approx(fd, abs=1e-6)
+    # the default nu, the batch VaR, is the exact minimizer: no nu on a fine grid does better
+    var = value_at_risk(costs, ALPHA)
+    grid = np.linspace(-8.0, 1.0, 9001)
+    assert h(var) <= min(h(nu) for nu in grid) + 1e-12
+    assert h(var) == pytest.approx(LAM * conditional_value_at_risk(costs, ALPHA))
+    # and the authors' step direction at the VaR: left derivative < 0, right derivative >= 0
+    assert nu_gradient(costs, var, alpha=ALPHA, lam=LAM) < 0 <= nu_gradient(costs, var + 1e-9, alpha=ALPHA, lam=LAM)
+
+
+def test_policy_gradient_of_the_cvar_term_against_the_objective():
+    """grad of the TRPO surrogate's tail part == -(N/M) grad_theta [lam * H_alpha] by likelihood ratio."""
+    obs, act, *_, episode = _hand_batch()
+    torch.manual_seed(0)
+    policy = GaussianPolicy(2, 1, (5,)).double()
+    costs = np.array([-1.0, -3.0, -0.5, -2.0])
+    nu = -1.5  # between samples; trajectories 0 and 2 are in the tail
+    n, m = len(LENGTHS), sum(LENGTHS)
+    params = list(policy.parameters())
+    with torch.no_grad():
+        old_logp = policy.log_prob(obs, act)
+    w = torch.as_tensor(np.repeat(tail_weights(costs, nu, alpha=ALPHA, lam=LAM), LENGTHS))
+    got = torch.autograd.grad(trpo_surrogate(policy, obs, act, torch.zeros(m, dtype=torch.float64), old_logp, w), params)
+
+    # oracle: the importance-weighted estimate of lam * H_alpha(R, nu) on trajectories sampled from pi_old,
+    # each trajectory weighted by its likelihood ratio prod_t pi_theta / pi_old
+    logp = policy.log_prob(obs, act)
+    ratios = [torch.exp((logp - old_logp)[episode == j].sum()) for j in range(n)]
+    j_cvar = LAM * (nu + sum(r * max(c - nu, 0.0) for r, c in zip(ratios, costs)) / ((1 - ALPHA) * n))
+    want = torch.autograd.grad(j_cvar, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, -(n / m) * b, rtol=1e-10, atol=1e-12)
+    # sign: a small step up the surrogate lowers the log-likelihood of the tail trajectories only on balance
+    with torch.no_grad():
+        for p, gp in zip(params, got):
+            p.add_(1e-3 * gp)
+        new_logp = policy.log_prob(obs, act)
+    tail = torch.as_tensor(np.repeat(costs > nu, LENGTHS))
+    assert (new_logp - old_logp)[tail].sum() < 0
+
+
+def test_policy_surrogate_scale_is_shared_by_advantages_and_tail_weights():
+    """Multiplying A and w by one positive number leaves the TRPO step unchanged (RAIL divides both by std(A))."""
+    torch.manual_seed(0)
+    obs, actions, adv = torch.randn(200, 3), torch.randn(200, 1), torch.randn(200)
+    w = torch.where(torch.arange(200) < 30, torch.rand(200) * 4, torch.zeros(200))
+    p1, p2 = GaussianPolicy(3, 1, (8,)), GaussianPolicy(3, 1, (8,))
+    p2.load_state_dict(p1.state_dict())
+    trpo_step(p1, obs, actions, adv, tail_weights=w, generator=torch.Generator().manual_seed(1))
+    trpo_step(p2, obs, actions, 7.5 * adv, tail_weights=7.5 * w, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(p1.parameters(), p2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _oracle_disc_objective(d: Discriminator, obs, act, ex_obs, ex_act, nu: float, beta: float) -> torch.Tensor:
+    """J/h for the discriminator (to be maximized), written out with loops and log(1 - sigmoid)."""
+    z_pi, z_ex = d.logits(obs, act), d.logits(ex_obs, ex_act)
+    log_d_pi = torch.log(1 - torch.sigmoid(z_pi))  # D = 1 - sigmoid(z): "policy" probability
+    log_1md_ex = torch.log(torch.sigmoid(z_ex))
+
+    def ent(z):
+        p = torch.sigmoid(z)
+        return (-(p * torch.log(p) + (1 - p) * torch.log(1 - p))).mean()
+
+    costs, start, horizon = [], 0, 0.0
+    for t_len in LENGTHS:
+        costs.append(sum(GAMMA**t * log_d_pi[start + t] for t in range(t_len)))
+        horizon += sum(GAMMA**t for t in range(t_len)) / len(LENGTHS)
+        start += t_len
+    return (log_d_pi.mean() + log_1md_ex.mean() + beta * (ent(z_pi) + ent(z_ex))
+            + (LAM / horizon) * _oracle_rockafellar(costs, nu))
+
+
+def _hand_disc():
+    torch.manual_seed(3)
+    d = Discriminator(2, 1, (5,)).double()
+    with torch.no_grad():  # a non-degenerate output layer (the constructor zeroes it)
+        for p in d.parameters():
+            p.copy_(torch.randn_like(p))
+    return d
+
+
+def _hand_cvar(episode, nu) -> TrajectoryCVaR:
+    disc = torch.as_tensor(discount_weights(LENGTHS, GAMMA))
+    horizon = float(disc.sum()) / len(LENGTHS)
+    return TrajectoryCVaR(episode, disc, len(LENGTHS), nu, ALPHA, LAM / horizon)
+
+
+def test_discriminator_gradient_against_the_objective():
+    """grad of Discriminator.loss == -grad_phi J/h (autograd of the oracle, and central finite differences)."""
+    obs, act, ex_obs, ex_act, episode = _hand_batch()
+    d = _hand_disc()
+    with torch.no_grad():
+        r = d.reward(obs, act).numpy()
+    costs = discounted_trajectory_costs(r, LENGTHS, GAMMA)
+    srt = np.sort(costs)
+    nu = float(0.5 * (srt[1] + srt[2]))  # between samples: two trajectories in the tail
+    loss, _ = d.loss(obs, act, ex_obs, ex_act, entropy_weight=0.01, cvar=_hand_cvar(episode, nu))
+    params = [p for p in d.parameters()]
+    got = torch.autograd.grad(loss, params)
+    want = torch.autograd.grad(_oracle_disc_objective(d, obs, act, ex_obs, ex_act, nu, 0.01), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, -b, rtol=1e-9, atol=1e-12)
+    # finite differences of the oracle on every entry of the first layer's bias and the output layer
+    for p, gp in zip(params, got):
+        if p.dim() != 1:
+            continue
+        for i in range(p.numel()):
+            with torch.no_grad():
+                old = float(p[i])
+                p[i] = old + 1e-6
+                up = float(_oracle_disc_objective(d, obs, act, ex_obs, ex_act, nu, 0.01))
+                p[i] = old - 1e-6
+                down = float(_oracle_disc_objective(d, obs, act, ex_obs, ex_act, nu, 0.01))
+                p[i] = old
+            assert float(gp[i]) == pytest.approx(-(up - down) / 2e-6, rel=1e-5, abs=1e-8)
+
+
+def test_discriminator_cvar_term_raises_the_learned_cost_of_the_tail():
+    """D maximizes J: its CVaR term pushes the tail trajectories' learned cost R_j up (the authors' code: down)."""
+    obs, act, ex_obs, ex_act, episode = _hand_batch()
+    d = _hand_disc()
+    cvar = _hand_cvar(episode, 0.0)
+    with torch.no_grad():
+        costs = cvar.costs(d.logits(obs, act))
+    nu = float(torch.sort(costs).values[1:3].mean())
+    cvar = _hand_cvar(episode, nu)
+    params = list(d.parameters())
+    with_term = torch.autograd.grad(d.loss(obs, act, ex_obs, ex_act, cvar=cvar)[0], params)
+    without = torch.autograd.grad(d.loss(obs, act, ex_obs, ex_act)[0], params)
+    with torch.no_grad():  # a small descent step on the CVaR term's share of the loss only
+        for p, a, b in zip(params, with_term, without):
+            p.sub_(1e-3 * (a - b))
+        new = cvar.costs(d.logits(obs, act))
+    tail = costs > nu
+    assert tail.sum() == 2 and (new - costs)[tail].sum() > 0
 
 
 # ------------------------------------------------------------------------------- GAIL = RAIL(lam=0)
@@ -212,7 +383,7 @@ def test_trpo_zero_tail_weights_equal_plain_surrogate():
 def test_lambda_zero_is_gail_update_exactly(monkeypatch):
     """RAIL(lam=0) with every trajectory in the 'tail' (nu far below the costs) == GAIL's plain update."""
     expert, batch = _expert(), _batch(2)
-    cfg = RAILConfig(lam=0.0, batch_steps=600, n_envs=4, vf_epochs=1)
+    cfg = RAILConfig(lam=0.0, batch_steps=600, n_envs=4, vf_epochs=1, nu_mode="gradient")
     rail0 = RAIL(ENV, expert, cfg, seed=5)
     rail0.nu = -1e6  # the indicator 1[R >= nu] is 1 for every trajectory; lam = 0 must still give w = 0
     rail0.update(batch)
@@ -226,7 +397,7 @@ def test_lambda_zero_is_gail_update_exactly(monkeypatch):
         return real_trpo(*args, **kwargs)
 
     def plain_disc(self, *args, **kwargs):
-        kwargs["tail_weights"] = None
+        kwargs["cvar"] = None
         return real_disc(self, *args, **kwargs)
 
     monkeypatch.setattr(rail_module, "trpo_step", plain_trpo)
@@ -276,9 +447,10 @@ def test_discriminator_tail_term_zero_weights_changes_nothing():
     d2 = Discriminator(3, 1, (8, 8))
     d2.load_state_dict(d1.state_dict())
     o1, o2 = torch.optim.Adam(d1.parameters(), 0.01), torch.optim.Adam(d2.parameters(), 0.01)
+    cvar = TrajectoryCVaR(torch.arange(64) // 8, torch.ones(64), 8, -3.0, 0.9, weight=0.0)
     for _ in range(3):
-        d1.update(o1, *x, tail_weights=torch.zeros(64))
-        d2.update(o2, *x, tail_weights=None)
+        d1.update(o1, *x, cvar=cvar)
+        d2.update(o2, *x, cvar=None)
     for a, b in zip(d1.state_dict().values(), d2.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -302,6 +474,8 @@ def test_collect_episodes_and_min_steps():
         assert b.episodes == 5 and np.all(b.lengths == 200) and not b.terminated.any()  # time limit only
         b2 = collect(envs, lambda o: np.full((o.shape[0], 1), 5.0, np.float32), min_steps=450)
         assert b2.steps >= 450 and np.all(b2.lengths == 200)
+        b4 = collect(envs, lambda o: np.zeros((o.shape[0], 1), np.float32), min_steps=450, min_episodes=7)
+        assert b4.episodes >= 7 and b4.episodes <= 7 + 2  # the other sub-envs finish their running episodes
         assert np.all(np.abs(b2.env_actions) <= 2.0) and np.all(b2.actions == 5.0)  # clipped for the env only
     finally:
         envs.close()

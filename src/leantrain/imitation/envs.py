@@ -90,15 +90,16 @@ def make_vec_env(env_id: str, n_envs: int, seed: int) -> gym.vector.VectorEnv:
 
 
 def collect(envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndarray], *, min_steps: int | None = None,
-            episodes: int | None = None, seed: int | None = None,
+            episodes: int | None = None, min_episodes: int = 1, seed: int | None = None,
             progress: Callable[[int], None] | None = None) -> RolloutBatch:
     """Run ``act`` in ``envs`` and return complete episodes.
 
     Exactly one of:
 
     - ``min_steps``: start new episodes while the steps of finished plus running episodes are below
-      ``min_steps``, then let the running ones finish (the GAIL/RAIL sampler: at least ``min_steps``
-      state-action pairs, whole trajectories only);
+      ``min_steps`` or fewer than ``min_episodes`` episodes have been started, then let the running
+      ones finish (the GAIL/RAIL sampler: at least ``min_steps`` state-action pairs and
+      ``min_episodes`` trajectories, whole trajectories only);
     - ``episodes``: exactly this many episodes, assigned to sub-environments up front
       (``episodes // n + (i < episodes % n)`` each), so that the sample is not biased towards short
       episodes.
@@ -112,6 +113,8 @@ def collect(envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndarray],
         raise ValueError("give exactly one of min_steps or episodes")
     if min_steps is not None and min_steps < 1:
         raise ValueError(f"min_steps must be >= 1, got {min_steps}")
+    if min_episodes < 1:
+        raise ValueError(f"min_episodes must be >= 1, got {min_episodes}")
     if episodes is not None and episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     n = envs.num_envs
@@ -146,7 +149,7 @@ def collect(envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndarray],
                 live[i] = started[i] < quota[i]
             else:
                 running = int(sum(t - ep_start[j] for j in range(n) if live[j] and j != i))
-                live[i] = finished_steps + running < min_steps
+                live[i] = finished_steps + running < min_steps or int(started.sum()) < min_episodes
             started[i] += int(live[i])
         obs = next_obs
     if not segments:

@@ -74,7 +74,7 @@ def tail_report(expert: Mapping[str, float], agents: Mapping[str, Mapping[str, f
 
 
 def cost_histograms(path: str | Path, costs: Mapping[str, Sequence[float]], *, title: str, alpha: float = 0.9) -> Path:
-    """One plot: overlaid histograms of trajectory cost per agent, with each agent's CVaR marked."""
+    """One plot: overlaid histograms of trajectory cost per agent (log counts), with each agent's CVaR marked."""
     from leantrain.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -90,7 +90,8 @@ def cost_histograms(path: str | Path, costs: Mapping[str, Sequence[float]], *, t
                 label=f"{label} (n={c.size}, CVaR {summarize_costs(c, alpha).cvar:.1f})")
         ax.axvline(summarize_costs(c, alpha).cvar, color=color, linestyle=styles[i % 4], alpha=0.7)
     ax.set_xlabel(f"trajectory cost = -return (vertical lines: CVaR_{alpha:g})")
-    ax.set_ylabel("episodes")
+    ax.set_yscale("log")  # the tail is a few episodes beside a peak of hundreds
+    ax.set_ylabel("episodes (log scale)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

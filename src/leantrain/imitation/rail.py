@@ -1,30 +1,78 @@
 """RAIL: risk-averse generative adversarial imitation (arXiv:1707.06658); GAIL is ``lam = 0``.
 
-The algorithm object owns the networks (:mod:`~leantrain.imitation.policies`,
-:mod:`~leantrain.imitation.discriminator`), the vectorized environments and the rollout
-collector (:func:`~leantrain.imitation.envs.collect`); one :meth:`RAIL.iterate` is, in the order
-of the authors' code (method notes, step 9):
+**The objective.** The policy ``pi_theta`` and the VaR variable ``nu`` minimize, the
+discriminator ``D_phi`` maximizes
 
-1. sample complete trajectories with at least ``batch_steps`` state-action pairs;
+    ``J(theta, nu, phi) = E_pi[log D] + E_E[log(1 - D)] + lam * H_alpha(R_D, nu)``,
+    ``H_alpha(R, nu) = nu + E_xi[(R(xi) - nu)^+] / (1 - alpha)``,
+
+where ``R_D(xi) = sum_t gamma^t log D(s_t, a_t)`` is the cost of a trajectory ``xi ~ pi_theta``
+under the learned cost ``c_D = log D`` and ``E_pi[f] = E_xi[sum_t gamma^t f(s_t, a_t)]`` (the
+occupancy convention of GAIL, Ho and Ermon 2016), so ``E_pi[log D] = E_xi[R_D]`` and
+``J = E[R_D] + lam * H_alpha(R_D, nu) + E_E[...]``. ``min_nu H_alpha(R, nu) = CVaR_alpha(R)``
+(Rockafellar-Uryasev), so the policy minimizes the mean *plus* ``lam`` times the CVaR of its
+trajectory cost. The policy-entropy term of the paper has weight 0, as in the released runs.
+In the code, ``D = 1 - sigmoid(z)`` for the discriminator logit ``z`` (expert pairs labelled 1),
+so ``log D = -softplus(z) = -r`` with the surrogate reward ``r``.
+
+**Each player's gradient** on one batch of ``N`` trajectories (``M`` pairs):
+
+- ``nu`` (``theta, phi`` fixed): ``d/dnu lam H_alpha = lam (1 - #{R_j >= nu} / ((1 - alpha) N))``
+  (:func:`~leantrain.imitation.risk.nu_gradient`). ``H_alpha`` is convex and piecewise linear in
+  ``nu``, minimized *exactly* by the batch's ``VaR_alpha`` of ``R_j``; ``nu_mode="var"`` (the
+  default) sets ``nu`` there before the other players move, so ``H_alpha = CVaR_alpha`` of the
+  batch and, by the envelope theorem, the other players follow the gradient of the CVaR itself.
+  ``nu_mode="gradient"`` is the authors' code: ``nu_0 ~ U[0, 1)``, one step
+  ``nu <- nu - nu_lr * g_nu`` per iteration (lr 0.01). Measured here (docs/rail.md): the learned
+  costs are negative (``r > 0``) and ``nu`` moves at most ``0.01 lam`` per iteration while the
+  tail is empty, so at small scale no trajectory ever reaches ``nu`` and RAIL runs GAIL's update.
+- policy (``nu, phi`` fixed), by the likelihood ratio:
+  ``grad_theta J = E[sum_t grad log pi(a_t|s_t) (C_t + w(xi))]`` with ``C_t`` the cost-to-go
+  (estimated by GAE as ``-A_t``) and ``w(xi) = (lam / (1 - alpha)) (R(xi) - nu)^+``
+  (:func:`~leantrain.imitation.risk.tail_weights`). TRPO ascends
+  ``L = mean_i[rho_i (A_i - w_j(i))]`` (:func:`~leantrain.imitation.trpo.trpo_step`), whose gradient at
+  ``theta_old`` is ``-(N / M)`` times that estimate. ``A`` is centred and divided by its
+  standard deviation ``s``; ``w`` is divided by the *same* ``s``, which leaves the TRPO step
+  unchanged (the authors' code standardizes ``A`` and not ``w``, which weighs the two parts of
+  ``J`` by the arbitrary factor ``s``). The ``gamma^t`` in front of ``A_t`` is dropped, as in
+  every TRPO/GAIL implementation.
+- discriminator (``theta, nu`` fixed): ascend ``J``. Divided by the mean discounted horizon
+  ``h = mean_j sum_t gamma^t`` (a positive constant), ``J / h`` has GAIL's per-pair means
+  ``mean_pi[log D] + mean_E[log(1 - D)]`` (GAIL's estimate of the normalized occupancy) plus
+  ``(lam / h) H_alpha(R(phi), nu)`` with ``R_j(phi)`` recomputed from ``D`` differentiably;
+  its gradient in ``phi`` is ``(lam / (h (1 - alpha) N)) sum_j 1[R_j > nu] grad R_j(phi)``,
+  which *raises* the learned cost of tail trajectories
+  (:class:`~leantrain.imitation.discriminator.TrajectoryCVaR`). The authors' code has the
+  opposite sign and weights ~1000 (see :mod:`leantrain.imitation.discriminator`); we follow the
+  objective. ``disc_cvar_weight`` (``kappa``) scales this term; 1 is the objective.
+
+The tests check each implemented gradient against autograd / finite differences of ``J`` on a
+hand-made batch (tests/test_rail.py).
+
+**One iteration** (:meth:`RAIL.iterate`), in the order of the authors' code (method notes, step 9):
+
+1. sample complete trajectories with at least ``batch_steps`` state-action pairs and at least
+   ``min_trajectories`` trajectories (so that the alpha-tail of the batch is not empty);
 2. surrogate rewards ``r = softplus(z(s, a))`` from the current discriminator, GAE advantages
    (``gamma = 0.995``, ``lambda_GAE = 0.97``) and discounted returns;
-3. trajectory costs under the learned cost ``R_j = -sum_t gamma^t r_t``, the tail weights
-   ``w_j = (lam / (1 - alpha)) (R_j - nu) 1[R_j >= nu]`` and ``g_nu``;
-4. one TRPO step on ``mean[rho A] - mean[w log pi]`` (A standardized, w not);
+3. trajectory costs ``R_j = -sum_t gamma^t r_t``; ``nu`` (batch VaR by default), the tail
+   weights ``w_j`` and ``g_nu``;
+4. one TRPO step on ``mean[rho (A - w)]``;
 5. one Adam step on the discriminator, expert pairs resampled to the policy's count, with the
-   code's discriminator-side CVaR term (weight ``disc_cvar_weight``);
+   CVaR term above;
 6. fit the value function;
-7. ``nu <- nu - nu_lr * g_nu`` with ``g_nu = lam (1 - #{R_j >= nu} / ((1 - alpha) N))``.
+7. with ``nu_mode="gradient"``: ``nu <- nu - nu_lr * g_nu``.
 
 With ``lam = 0`` every tail weight, the discriminator term and ``g_nu`` are exactly zero, so the
-same code performs GAIL's update bit for bit (the tests check it). ``nu`` starts at
-``Uniform[0, 1)`` drawn from its own random stream, so GAIL and RAIL runs with the same seed
-consume identical random numbers everywhere else.
+same code performs GAIL's update bit for bit (the tests check it). ``nu_0`` is drawn from its own
+random stream, so GAIL and RAIL runs with the same seed consume identical random numbers
+everywhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +82,12 @@ import numpy as np
 import scipy.signal
 import torch
 
-from leantrain.imitation.discriminator import Discriminator
+from leantrain.imitation.discriminator import Discriminator, TrajectoryCVaR
 from leantrain.imitation.envs import collect, make_vec_env, space_dims
 from leantrain.imitation.policies import GaussianPolicy, ValueFunction, policy_actor
 from leantrain.imitation.risk import (
+    discount_weights,
     discounted_trajectory_costs,
-    discriminator_tail_weights,
     nu_gradient,
     tail_weights,
     value_at_risk,
@@ -47,18 +95,25 @@ from leantrain.imitation.risk import (
 from leantrain.imitation.trajectories import ExpertTrajectories, RolloutBatch
 from leantrain.imitation.trpo import trpo_step
 
-__all__ = ["RAILConfig", "RAIL", "gae"]
+__all__ = ["RAILConfig", "RAIL", "gae", "NU_MODES"]
+
+NU_MODES = ("var", "gradient")
 
 
 @dataclass
 class RAILConfig:
-    """Hyper-parameters; defaults are the RAIL code's (method notes, "Parameters and defaults").
+    """Hyper-parameters; defaults are the RAIL code's (method notes, "Parameters and defaults") except ``nu_mode``.
 
-    ``lam = 0`` is GAIL. ``batch_steps`` (>= 50,000 in the paper), ``n_envs``, the value-function
-    fit (Adam instead of the code's trust-region regression) and ``nu_mode`` are ours to choose;
-    ``nu_mode="quantile"`` is the notes' suggested ablation (``nu`` set to the empirical
-    ``alpha``-quantile of the current batch's ``R_j`` before the weights are computed) and is not
-    the paper's method.
+    ``lam = 0`` is GAIL. ``batch_steps`` (>= 50,000 in the paper), ``n_envs`` and the value-function
+    fit (Adam instead of the code's trust-region regression) are ours to choose.
+    ``nu_mode="var"`` (default): ``nu`` is the exact minimizer of ``H_alpha``, the batch's
+    ``VaR_alpha`` of ``R_j``, set before the weights are computed; ``"gradient"``: the authors'
+    gradient descent on ``nu`` (``nu_lr``, ``nu_0 ~ U[0, 1)``). ``disc_cvar_weight`` scales the
+    discriminator's CVaR term (1 = the objective, 0 = off). ``min_trajectories`` (default
+    ``ceil(2 / (1 - alpha))``, 20 at alpha 0.9) is the least number of complete trajectories per
+    batch: with fewer than ``1 / (1 - alpha)`` the batch VaR is the largest cost and every tail weight
+    ``(R_j - nu)^+`` is 0, so the tail term would not act (e.g. 5 trajectories of 1000 steps in a
+    5,000-pair batch). GAIL gets the same sampler, so paired runs see batches of equal size.
     """
 
     alpha: float = 0.9
@@ -66,6 +121,7 @@ class RAILConfig:
     gamma: float = 0.995
     gae_lambda: float = 0.97
     batch_steps: int = 50_000
+    min_trajectories: int | None = None
     n_envs: int = 8
     hidden: tuple[int, ...] = (100, 100)
     max_kl: float = 0.01
@@ -77,7 +133,7 @@ class RAILConfig:
     disc_cvar_weight: float = 1.0
     expert_subsample: int = 20
     nu_lr: float = 0.01
-    nu_mode: str = "gradient"
+    nu_mode: str = "var"
     vf_lr: float = 1e-3
     vf_epochs: int = 3
     vf_minibatch: int = 256
@@ -91,8 +147,17 @@ class RAILConfig:
             raise ValueError("gamma must lie in (0, 1) and gae_lambda in [0, 1]")
         if self.batch_steps < 1 or self.n_envs < 1:
             raise ValueError("batch_steps and n_envs must be >= 1")
-        if self.nu_mode not in ("gradient", "quantile"):
-            raise ValueError(f"nu_mode must be 'gradient' (the paper's code) or 'quantile', got {self.nu_mode!r}")
+        if self.min_trajectories is None:
+            self.min_trajectories = math.ceil(round(2.0 / (1.0 - self.alpha), 9))
+        if self.min_trajectories < 1:
+            raise ValueError(f"min_trajectories must be >= 1, got {self.min_trajectories}")
+        if self.lam > 0 and self.min_trajectories < 1.0 / (1.0 - self.alpha):
+            raise ValueError(f"min_trajectories must be >= 1 / (1 - alpha) = {1.0 / (1.0 - self.alpha):g} for RAIL "
+                             f"(lam > 0), else the batch VaR is the largest cost and the tail term is 0; got "
+                             f"{self.min_trajectories}")
+        if self.nu_mode not in NU_MODES:
+            raise ValueError(f"nu_mode must be 'var' (nu = batch VaR, the exact minimizer) or 'gradient' (the "
+                             f"authors' gradient descent on nu), got {self.nu_mode!r}")
         self.hidden = tuple(int(h) for h in self.hidden)
 
     @property
@@ -174,8 +239,10 @@ class RAIL:
         return self.policy.act(o, deterministic=deterministic, generator=self.generator).cpu().numpy()
 
     def collect(self, progress: Callable[[int], None] | None = None) -> RolloutBatch:
-        """Step 1: complete trajectories, at least ``batch_steps`` pairs, env seeds fixed by the iteration."""
-        return collect(self.envs, self.act, min_steps=self.config.batch_steps, progress=progress,
+        """Step 1: complete trajectories (at least ``batch_steps`` pairs and ``min_trajectories`` of them), env
+        seeds fixed by the iteration."""
+        return collect(self.envs, self.act, min_steps=self.config.batch_steps,
+                       min_episodes=self.config.min_trajectories, progress=progress,
                        seed=self.seed * 1_000_003 + self.iteration * self.config.n_envs)
 
     # ------------------------------------------------------------------------------------- update
@@ -195,29 +262,30 @@ class RAIL:
         bootstrap = np.where(batch.terminated, 0.0, final_values)
         adv = gae(rewards, values, batch.lengths, bootstrap, cfg.gamma, cfg.gae_lambda)
         returns = adv + values
-        # 3. trajectory costs under the learned cost, tail weights, nu gradient
+        # 3. trajectory costs under the learned cost, nu, tail weights, nu gradient
         costs = discounted_trajectory_costs(rewards, batch.lengths, cfg.gamma)
         empirical_var = value_at_risk(costs, cfg.alpha)
         nu = self.nu if cfg.nu_mode == "gradient" else empirical_var
         w_traj = tail_weights(costs, nu, alpha=cfg.alpha, lam=cfg.lam)
         g_nu = nu_gradient(costs, nu, alpha=cfg.alpha, lam=cfg.lam)
-        u_traj = discriminator_tail_weights(costs, batch.lengths, nu, alpha=cfg.alpha, lam=cfg.lam, gamma=cfg.gamma)
-        w = self._tensor(np.repeat(w_traj, batch.lengths).astype(np.float32))
-        u = self._tensor(np.repeat(u_traj, batch.lengths).astype(np.float32))
-        # 4. TRPO step on the policy
-        a_std = (adv - adv.mean()) / (adv.std() + 1e-8)
-        pstats = trpo_step(self.policy, obs, actions, self._tensor(a_std.astype(np.float32)), tail_weights=w,
-                           max_kl=cfg.max_kl, damping=cfg.cg_damping, fvp_fraction=cfg.fvp_fraction,
-                           generator=self.generator)
-        # 5. discriminator step, expert pairs resampled to the policy's count
+        # 4. TRPO step on mean[rho (A - w)]; A and w share one scale (which leaves the step unchanged)
+        scale = adv.std() + 1e-8
+        a_scaled = self._tensor(((adv - adv.mean()) / scale).astype(np.float32))
+        w = self._tensor(np.repeat(w_traj / scale, batch.lengths).astype(np.float32))
+        pstats = trpo_step(self.policy, obs, actions, a_scaled, tail_weights=w, max_kl=cfg.max_kl,
+                           damping=cfg.cg_damping, fvp_fraction=cfg.fvp_fraction, generator=self.generator)
+        # 5. discriminator step on its share of J, expert pairs resampled to the policy's count
+        discount = discount_weights(batch.lengths, cfg.gamma)
+        horizon = float(discount.sum()) / batch.episodes  # h = mean_j sum_t gamma^t
+        cvar = TrajectoryCVaR(self._tensor(batch.episode_index), self._tensor(discount.astype(np.float32)),
+                              batch.episodes, float(nu), cfg.alpha, cfg.disc_cvar_weight * cfg.lam / horizon)
         idx = self._tensor(self.rng.integers(0, self.expert_obs.shape[0], size=batch.steps))
         dstats = self.disc.update(self.disc_opt, obs, env_actions, self.expert_obs[idx], self.expert_actions[idx],
-                                  steps=cfg.disc_steps, entropy_weight=cfg.disc_entropy, tail_weights=u,
-                                  tail_scale=cfg.disc_cvar_weight)
+                                  steps=cfg.disc_steps, entropy_weight=cfg.disc_entropy, cvar=cvar)
         # 6. value function
         vloss = self.value.fit(obs, self._tensor(returns.astype(np.float32)), self.value_opt, epochs=cfg.vf_epochs,
                                minibatch=cfg.vf_minibatch, generator=self.generator)
-        # 7. VaR variable (the quantile ablation sets nu from each batch instead, see step 3)
+        # 7. the authors' VaR step (nu_mode "var" set nu to the minimizer in step 3)
         self.nu = nu - cfg.nu_lr * g_nu if cfg.nu_mode == "gradient" else nu
         true_returns = batch.episode_returns()
         stats = {
@@ -225,7 +293,8 @@ class RAIL:
             "true_return_mean": float(true_returns.mean()), "true_return_min": float(true_returns.min()),
             "episode_length_mean": float(batch.lengths.mean()), "surrogate_reward_mean": float(rewards.mean()),
             "traj_cost_mean": float(costs.mean()), "traj_cost_var": empirical_var, "nu": nu, "nu_next": self.nu,
-            "g_nu": g_nu, "tail_fraction": float(np.mean(costs >= nu)), "tail_weight_mean": float(w_traj.mean()),
+            "g_nu": g_nu, "tail_fraction": float(np.mean(costs >= nu)),
+            "tail_fraction_strict": float(np.mean(costs > nu)), "tail_weight_mean": float(w_traj.mean()),
             "value_loss": vloss, **pstats, **dstats,
         }
         self.iteration += 1

@@ -13,11 +13,14 @@ Estimators on a sample ``c_1..c_n`` with order statistics ``c_(1) <= ... <= c_(n
   exactly the mean of the ``m`` largest costs. For a continuous distribution both converge to
   ``E[C | C >= VaR_alpha(C)]``. ``CVaR_alpha >= VaR_alpha`` always holds.
 
-RAIL's training-time pieces follow the authors' released code as described in the method notes:
+RAIL's training-time pieces (the objective and its gradients are derived in
+:mod:`leantrain.imitation.rail`):
 
 - trajectory cost under the learned cost ``R_j = -sum_t gamma^t r_D(s_t, a_t)`` (see
   :func:`discounted_trajectory_costs`);
-- the VaR variable ``nu`` is a scalar learned by gradient descent with
+- the Rockafellar-Uryasev function ``H_alpha(R, nu)`` (:func:`rockafellar_uryasev`), minimized
+  over ``nu`` exactly by ``nu = VaR_alpha`` of the batch (:func:`value_at_risk`, RAIL's default),
+  or by the authors' gradient descent with
   ``g_nu = lambda * (1 - (1 / ((1 - alpha) N)) * #{j : R_j >= nu})`` (see :func:`nu_gradient`);
 - every trajectory with ``R_j >= nu`` gets the extra policy-gradient weight
   ``w_j = (lambda / (1 - alpha)) * (R_j - nu)``, all others ``0`` (see :func:`tail_weights`).
@@ -37,7 +40,7 @@ __all__ = [
     "rockafellar_uryasev",
     "tail_weights",
     "nu_gradient",
-    "discriminator_tail_weights",
+    "discount_weights",
     "discounted_trajectory_costs",
     "CostSummary",
     "summarize_costs",
@@ -103,29 +106,28 @@ def tail_weights(costs: Sequence[float] | np.ndarray, nu: float, *, alpha: float
 
 
 def nu_gradient(costs: Sequence[float] | np.ndarray, nu: float, *, alpha: float, lam: float) -> float:
-    """Gradient of ``lam * H_alpha(R, nu)`` in ``nu``: ``lam * (1 - #{R_j >= nu} / ((1 - alpha) N))``.
+    """Derivative of ``lam * H_alpha(R, nu)`` in ``nu``: ``lam * (1 - #{R_j >= nu} / ((1 - alpha) N))``.
 
-    RAIL updates ``nu <- nu - eta_nu * g_nu`` once per iteration (``eta_nu = 0.01``).
+    ``H_alpha`` is piecewise linear in ``nu`` with kinks at the samples; between kinks this is its
+    derivative, at a kink ``nu = R_j`` it is the left derivative. At ``nu = VaR_alpha`` of the batch
+    the left derivative is ``< 0`` and the right one (``#{R_j > nu}``) ``>= 0``, so the batch VaR
+    minimizes ``H_alpha`` exactly (Rockafellar and Uryasev).
+    The authors' code updates ``nu <- nu - eta_nu * g_nu`` once per iteration (``eta_nu = 0.01``);
+    RAIL's default here sets ``nu`` to the minimizer directly.
     """
     alpha = _check_alpha(alpha)
     c = _costs(costs)
     return float(lam * (1.0 - np.count_nonzero(c >= nu) / ((1.0 - alpha) * c.size)))
 
 
-def discriminator_tail_weights(costs: Sequence[float] | np.ndarray, lengths: Sequence[int] | np.ndarray, nu: float, *,
-                               alpha: float, lam: float, gamma: float) -> np.ndarray:
-    """Per-trajectory weights of the authors' discriminator-side CVaR term.
-
-    ``(lam / (1 - alpha)) * 1[R_j >= nu] * (1 - gamma^T_j) / (1 - gamma)`` with ``T_j`` the
-    trajectory length; the released code copies it to every pair of the trajectory.
-    """
-    alpha = _check_alpha(alpha)
-    c = _costs(costs)
-    t = np.asarray(lengths, dtype=np.float64).reshape(-1)
-    if t.shape != c.shape:
-        raise ValueError(f"lengths must have one entry per trajectory ({c.size}), got {t.size}")
-    horizon = (1.0 - gamma ** t) / (1.0 - gamma)
-    return np.where(c >= nu, (lam / (1.0 - alpha)) * horizon, 0.0)
+def discount_weights(lengths: Sequence[int] | np.ndarray, gamma: float) -> np.ndarray:
+    """``gamma^t`` for every step ``t < T_j`` of trajectories stored back to back (float64)."""
+    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if np.any(lens <= 0):
+        raise ValueError(f"lengths must be positive, got min {int(lens.min())}")
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    t = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+    return float(gamma) ** t
 
 
 def discounted_trajectory_costs(rewards: np.ndarray, lengths: Sequence[int] | np.ndarray, gamma: float) -> np.ndarray:
@@ -139,8 +141,7 @@ def discounted_trajectory_costs(rewards: np.ndarray, lengths: Sequence[int] | np
     if lens.sum() != r.size or np.any(lens <= 0):
         raise ValueError(f"lengths must be positive and sum to len(rewards)={r.size}, got sum {int(lens.sum())}")
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    t = np.arange(r.size) - np.repeat(starts, lens)
-    return -np.add.reduceat(r * gamma ** t, starts)
+    return -np.add.reduceat(r * discount_weights(lens, gamma), starts)
 
 
 @dataclass(frozen=True)

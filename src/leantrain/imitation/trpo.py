@@ -9,10 +9,15 @@ step below is the same algorithm (Schulman et al. 2015) in ~100 lines with the t
 
 One step maximizes, within ``mean KL(pi_old || pi_theta) <= max_kl``,
 
-    ``L(theta) = mean_i[rho_i(theta) * A_i] - mean_i[w_i * log pi_theta(a_i | s_i)]``,
+    ``L(theta) = mean_i[rho_i(theta) * (A_i - w_i)]``,
 
-``rho_i = pi_theta(a_i|s_i) / pi_old(a_i|s_i)``. ``A`` is passed already standardized; ``w`` is
-RAIL's tail weight of the pair's trajectory (never standardized; ``w = 0`` or ``None`` is GAIL):
+``rho_i = pi_theta(a_i|s_i) / pi_old(a_i|s_i)``. ``A`` is the (scaled) advantage and ``w`` RAIL's
+tail weight of the pair's trajectory in the same units (``w = 0`` or ``None`` is GAIL): the CVaR
+term acts as an extra, trajectory-level negative advantage. At ``theta_old`` the gradient of
+``mean[rho w]`` equals that of the authors' ``mean[w log pi]``; the ratio form keeps the line
+search's ``L`` the first-order model of the objective's change (see :mod:`leantrain.imitation.rail`).
+A step's direction and length do not change when ``A`` and ``w`` are multiplied by the same
+positive number (``x`` scales with ``g`` and the step is normalized by ``x^T F x``).
 
 1. ``g = grad L(theta_old)``;
 2. solve ``(F + damping I) x = g`` by ``cg_iters`` conjugate-gradient iterations, where ``F v`` is
@@ -31,7 +36,7 @@ from torch import nn
 
 from leantrain.imitation.policies import GaussianPolicy, diagonal_gaussian_kl
 
-__all__ = ["trpo_step", "conjugate_gradient", "flat_parameters", "set_flat_parameters"]
+__all__ = ["trpo_step", "trpo_surrogate", "conjugate_gradient", "flat_parameters", "set_flat_parameters"]
 
 
 def flat_parameters(module: nn.Module) -> torch.Tensor:
@@ -66,6 +71,15 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     return x
 
 
+def trpo_surrogate(policy: GaussianPolicy, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor,
+                   old_logp: torch.Tensor, tail_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``L(theta) = mean_i[rho_i(theta) * (A_i - w_i)]`` (``w = None``: ``mean_i[rho_i A_i]``), differentiable."""
+    ratio = torch.exp(policy.log_prob(obs, actions) - old_logp)
+    if tail_weights is None:
+        return (ratio * advantages).mean()
+    return (ratio * (advantages - tail_weights)).mean()
+
+
 def trpo_step(policy: GaussianPolicy, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor, *,
               tail_weights: torch.Tensor | None = None, max_kl: float = 0.01, damping: float = 0.1,
               fvp_fraction: float = 0.1, cg_iters: int = 10, backtracks: int = 10,
@@ -79,11 +93,7 @@ def trpo_step(policy: GaussianPolicy, obs: torch.Tensor, actions: torch.Tensor, 
         old_logp = policy.log_prob(obs, actions)
 
     def surrogate() -> torch.Tensor:
-        logp = policy.log_prob(obs, actions)
-        value = (torch.exp(logp - old_logp) * advantages).mean()
-        if tail_weights is not None:
-            value = value - (tail_weights * logp).mean()
-        return value
+        return trpo_surrogate(policy, obs, actions, advantages, old_logp, tail_weights)
 
     def mean_kl(index: torch.Tensor | None = None) -> torch.Tensor:
         o = obs if index is None else obs[index]
