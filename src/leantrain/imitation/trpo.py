@@ -29,46 +29,12 @@ positive number (``x`` scales with ``g`` and the step is normalized by ``x^T F x
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
 from leantrain.imitation.policies import GaussianPolicy, diagonal_gaussian_kl
+from leantrain.numerics.flat import conjugate_gradient, flatten, hvp_from_gradient, set_flat_
 
-__all__ = ["trpo_step", "trpo_surrogate", "conjugate_gradient", "flat_parameters", "set_flat_parameters"]
-
-
-def flat_parameters(module: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-
-
-def set_flat_parameters(module: nn.Module, flat: torch.Tensor) -> None:
-    i = 0
-    with torch.no_grad():
-        for p in module.parameters():
-            n = p.numel()
-            p.copy_(flat[i:i + n].view_as(p))
-            i += n
-
-
-def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int = 10,
-                       residual_tol: float = 1e-10) -> torch.Tensor:
-    """Approximately solve ``A x = b`` for symmetric positive-definite ``A`` given ``v -> A v``."""
-    x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()
-    rr = r @ r
-    for _ in range(iters):
-        if rr <= residual_tol:
-            break
-        ap = matvec(p)
-        step = rr / (p @ ap)
-        x += step * p
-        r -= step * ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x
+__all__ = ["trpo_step", "trpo_surrogate"]
 
 
 def trpo_surrogate(policy: GaussianPolicy, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor,
@@ -103,34 +69,35 @@ def trpo_step(policy: GaussianPolicy, obs: torch.Tensor, actions: torch.Tensor, 
         return diagonal_gaussian_kl(m0, s0, mean, log_std).mean()
 
     loss0 = surrogate()
-    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss0, params)])
+    g = flatten(torch.autograd.grad(loss0, params))
     n_sub = max(1, int(round(fvp_fraction * obs.shape[0])))
     sub = torch.randperm(obs.shape[0], generator=generator, device=obs.device)[:n_sub]
     kl_sub = mean_kl(sub)
-    grad_kl = torch.cat([t.reshape(-1) for t in torch.autograd.grad(kl_sub, params, create_graph=True)])
+    grad_kl = flatten(torch.autograd.grad(kl_sub, params, create_graph=True))
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
-        return torch.cat([t.reshape(-1) for t in hv]) + damping * v
+        return hvp_from_gradient(grad_kl, params, v) + damping * v
 
     l0 = float(loss0.detach())
     stats = {"surrogate_before": l0, "surrogate_after": l0, "kl": 0.0, "step_fraction": 0.0}
     if not torch.isfinite(g).all() or float(g @ g) == 0.0:
         return stats
-    x = conjugate_gradient(fvp, g, cg_iters)
+    # F + damping*I is positive definite, so CG never meets non-positive curvature; ||r|| <= 1e-5 is the
+    # classic TRPO stop r.r <= 1e-10.
+    x, _, _, _ = conjugate_gradient(fvp, g, 1e-5, cg_iters)
     shs = float(x @ fvp(x))
     if not shs > 0:
         return stats
     full_step = x * (2.0 * max_kl / shs) ** 0.5
-    theta0 = flat_parameters(policy)
+    theta0 = flatten([p.detach() for p in params])
     with torch.no_grad():
         frac = 1.0
         for _ in range(backtracks):
-            set_flat_parameters(policy, theta0 + frac * full_step)
+            set_flat_(params, theta0 + frac * full_step)
             new, kl = surrogate(), mean_kl()
             if torch.isfinite(new) and float(new) > l0 and float(kl) <= max_kl:
                 stats.update(surrogate_after=float(new), kl=float(kl), step_fraction=frac)
                 return stats
             frac *= 0.5
-        set_flat_parameters(policy, theta0)
+        set_flat_(params, theta0)
     return stats
