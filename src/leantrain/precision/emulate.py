@@ -161,8 +161,6 @@ def _reason(m: nn.Module, policy: Policy) -> str | None:
         if m.max_norm is not None or m.sparse or m.scale_grad_by_freq:
             return "nn.Embedding with max_norm, sparse or scale_grad_by_freq is not emulated"
     elif base in _CONV and integer:
-        if m.groups != 1:
-            return f"DFP convolution with groups={m.groups} is not emulated (groups=1 only)"
         if len(m.kernel_size) > 2:
             return "DFP emulation supports 1-d and 2-d convolutions only"
     return None
