@@ -25,7 +25,7 @@ from leantrain.data import load_dataset
 from leantrain.experiments._precision_training import RunResult, mean_curve_plot, parity
 from leantrain.experiments.bf16_vision import vision_run, vision_setting
 from leantrain.models import resnet20
-from leantrain.numerics.gathered_gemm import native_available
+from leantrain.numerics.native import dfp_gemm_path
 from leantrain.plots import plt, save_figure
 from leantrain.precision import IntAccumulator, Recorder, emulate, get_policy
 from leantrain.registry import Claim, Result, Table, experiment
@@ -167,8 +167,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
                "per_seed": {k: [{"seed": r.seed, "test_accuracy": r.final("test_accuracy"),
                                  "train_loss": r.final("train_loss"), "wrapped_registers": _wraps(r)[0],
                                  "recorded_registers": _wraps(r)[1]} for r in v] for k, v in runs.items()},
-               "dfp_gemm_path": "native C kernel" if native_available() else "torch fallback (no C compiler or "
-                                                                               "LEANTRAIN_NATIVE=0)",
+               "dfp_gemm_path": dfp_gemm_path(),
                "history": {k: [r.history.evals for r in v] for k, v in runs.items()},
                "wall_s": {k: [r.wall_s for r in v] for k, v in runs.items()}}
     return Result(metrics, claims, ["test_accuracy.png", "overflow_vs_chunk.png"], [table, seed_table, ctable, paper],

@@ -361,6 +361,19 @@ int64_t lt_pair_gemm(const int16_t *S, int64_t s_batch, const int64_t *srow, con
 /* The pair kernel's column block (the caller pads VP's columns to a multiple of it). */
 int lt_pair_lanes(void) { return PAIR_LANES; }
 
+/* Which instructions the pair kernel was built with (reported by the benchmarks). */
+const char *lt_pair_isa(void) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+    return "AVX-512 VNNI (VPDPWSSD)";
+#elif defined(__AVX512BW__) && defined(__AVX512VL__)
+    return "AVX-512BW (VPMADDWD)";
+#elif defined(__AVX2__)
+    return "AVX2 (VPMADDWD)";
+#else
+    return "portable vector code";
+#endif
+}
+
 /* Whether this build runs its work units on OpenMP threads (else the caller splits the batch itself). */
 int lt_has_openmp(void) {
 #ifdef _OPENMP

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["native_available", "native_library"]
+__all__ = ["native_available", "native_library", "dfp_gemm_path"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("native.c")
@@ -116,6 +116,7 @@ def _compile() -> ctypes.CDLL:
                                  i64, i64, i64, i64, i64, i64, i64, ctypes.c_int]
     lib.lt_pair_gemm.restype = i64
     lib.lt_pair_lanes.restype = ctypes.c_int
+    lib.lt_pair_isa.restype = ctypes.c_char_p
     lib.lt_has_openmp.restype = ctypes.c_int
     lib.lt_round_stochastic_f32.argtypes = [ptr, i64, ptr, ptr, ptr]
     lib.lt_round_stochastic_f32.restype = None
@@ -145,6 +146,14 @@ def native_available() -> bool:
     return _lib is not None
 
 
+
+
+def dfp_gemm_path() -> str:
+    """Which implementation runs the integer (DFP) GEMMs on CPU tensors here, in words (for benchmarks and reports)."""
+    lib = native_library()
+    if lib is None:
+        return "torch fallback (no working C compiler, or LEANTRAIN_NATIVE=0)"
+    return f"native C kernel, {lib.lt_pair_isa().decode()}"
 
 
 def native_library() -> ctypes.CDLL | None:
