@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from leantrain.data import load_dataset
-from leantrain.experiments._precision_training import RunResult, mean_curve_plot, parity
+from leantrain.experiments._precision_training import RunResult, mean_curve_plot, parity, wrapped_registers
 from leantrain.experiments.bf16_vision import vision_run, vision_setting
 from leantrain.models import resnet20
 from leantrain.numerics.native import dfp_gemm_path
@@ -49,12 +49,6 @@ def _overflow_by_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
     return out
 
 
-def _wraps(run: RunResult) -> tuple[int, int]:
-    """(wrapped, recorded) INT32 registers of one run, all three GEMMs."""
-    return (int(sum(run.summary[f"gemm:{g}"]["acc_overflows"] for g in GEMMS)),
-            int(sum(run.summary[f"gemm:{g}"]["acc_sums"] for g in GEMMS)))
-
-
 @experiment(
     "dfp16-vision",
     arxiv="1802.00930",
@@ -78,7 +72,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     par = {k: parity(acc["fp32"], acc[k]) for k in ("dfp16", "dfp16-unchunked")}
     loss = {k: [r.final("train_loss") for r in v] for k, v in runs.items()}  # mean loss over the last epoch's steps
     ploss = {k: parity(loss["fp32"], loss[k]) for k in ("dfp16", "dfp16-unchunked")}
-    per_seed_wraps = {k: [_wraps(r) for r in runs[k]] for k in ("dfp16", "dfp16-unchunked")}
+    per_seed_wraps = {k: [wrapped_registers(r) for r in runs[k]] for k in ("dfp16", "dfp16-unchunked")}
     wrapped = {k: sum(w for w, _ in v) for k, v in per_seed_wraps.items()}
     regs = {k: sum(n for _, n in v) for k, v in per_seed_wraps.items()}
     metric = "final test accuracy"
@@ -165,8 +159,8 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
                "wrapped_registers": wrapped, "recorded_registers": regs, "overflow_by_chunk": curve,
                "seeds": {"fp32": seeds32, "dfp16": seeds},
                "per_seed": {k: [{"seed": r.seed, "test_accuracy": r.final("test_accuracy"),
-                                 "train_loss": r.final("train_loss"), "wrapped_registers": _wraps(r)[0],
-                                 "recorded_registers": _wraps(r)[1]} for r in v] for k, v in runs.items()},
+                                 "train_loss": r.final("train_loss"), "wrapped_registers": wrapped_registers(r)[0],
+                                 "recorded_registers": wrapped_registers(r)[1]} for r in v] for k, v in runs.items()},
                "dfp_gemm_path": dfp_gemm_path(),
                "history": {k: [r.history.evals for r in v] for k, v in runs.items()},
                "wall_s": {k: [r.wall_s for r in v] for k, v in runs.items()}}
