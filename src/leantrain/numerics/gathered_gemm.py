@@ -104,8 +104,9 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
             must be distinct. ``accumulate=True`` adds instead of writing, row by row in increasing ``r`` (so
             an element's contributions are summed in float32 in that order: the col2im of a convolution's
             backward-data GEMM, in ``F.fold``'s order).
-        count_wraps: count the wrapped registers. ``False`` lets the native kernel use int32 registers (when
-            ``acc_bits <= 32``), which wrap by themselves and are faster; ``wrapped`` is then None.
+        count_wraps: count the wrapped registers. ``False`` lets the native kernel use its pair kernel (when
+            ``acc_bits <= 32``: int16 operands, two products per instruction into int32 registers, which wrap by
+            themselves; several times faster); ``wrapped`` is then None.
         native: force (True) or forbid (False) the native kernel; None uses it when available for CPU tensors.
 
     Returns:

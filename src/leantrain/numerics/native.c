@@ -12,10 +12,10 @@
  * - float64 ("counting"): operands are integers with |x| < 2^15, so every product (< 2^30) and every partial sum
  *   of a chunk (< T 2^30 < 2^53) is exact in float64 in any order (vectorised, fused multiply-adds). A chunk sum
  *   outside the register's range is wrapped modulo 2^acc_bits and counted.
- * - int32 ("wrapping", acc_bits <= 32): two's-complement int32 arithmetic is the register itself: each product
- *   is exact in 32 bits and the additions wrap modulo 2^32, which is associative, so the lanes may add in any
- *   order; a narrower register is the sign extension of the low acc_bits bits. Nothing is counted. Unsigned
- *   arithmetic is used because signed overflow is undefined in C.
+ * - int32 ("wrapping", acc_bits <= 32, the pair kernel below): int16 operands, two's-complement int32 arithmetic
+ *   is the register itself: each pair of products is exact in 32 bits and the additions wrap modulo 2^32, which
+ *   is associative, so the lanes may add in any order; a narrower register is the sign extension of the low
+ *   acc_bits bits. Nothing is counted.
  * The only order-sensitive arithmetic is the float32 chain across chunks, done one chunk at a time, in chunk
  * order, with plain float32 adds (int -> float conversion rounds to nearest even in both models). Compile without
  * -ffast-math: reassociating the chain would change results.
