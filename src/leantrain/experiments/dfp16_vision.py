@@ -55,7 +55,7 @@ def _overflow_by_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
     title="INT16 dynamic fixed point (INT32 accumulation) training of a ResNet on digits vs FP32",
     claim="DFP16 operands in all three GEMMs with INT32 accumulation match FP32 accuracy in the same iterations; "
           "an unchunked INT32 accumulator overflows and hurts, block-wise (chunked) accumulation fixes it.",
-    quick_minutes=0.7,
+    quick_minutes=1.5,
 )
 def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     cfg = vision_setting(profile)
