@@ -4,7 +4,9 @@ The DFP16 paper (arXiv:1802.00930) trains CNNs with INT16 DFP operands in all th
 accumulation and FP32 master weights, to FP32 accuracy in the same iterations with unchanged
 hyper-parameters; its kernel keeps the INT32 accumulator from overflowing by accumulating blocks of the
 reduction in INT32 and summing the blocks in FP32. Here: the bf16-vision CNN and seeds (FP32 and the
-chunked ``dfp16`` runs are shared with that experiment when both run in one process), plus
+chunked ``dfp16`` runs are shared with that experiment when both run in one process), with the ``dfp16``
+policy's chunks of 2 products (overflow-free by bound), at least 3 seeds per DFP16 arm paired with FP32's
+runs of the same seeds, plus
 
 - ``dfp16-unchunked``: the same policy with one INT32 register over the whole reduction, wrapping on
   overflow as integer hardware does;
