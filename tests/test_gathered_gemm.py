@@ -40,7 +40,8 @@ def _case(g: torch.Generator, big: bool) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("native", BACKENDS)
-@pytest.mark.parametrize("chunk,acc_bits", [(None, 32), (1, 32), (3, 32), (8, 32), (256, 32), (8, 24), (None, 20)])
+@pytest.mark.parametrize("chunk,acc_bits", [(None, 32), (1, 32), (2, 32), (3, 32), (8, 32), (256, 32), (8, 24), (2, 20),
+                                            (5, 24), (None, 20)])
 def test_equals_the_int64_reference(native: bool, chunk: int | None, acc_bits: int) -> None:
     g = torch.Generator().manual_seed(chunk or 0)
     for trial in range(6):
@@ -73,11 +74,12 @@ def test_wide_operands_do_wrap_and_are_counted() -> None:
 @pytest.mark.parametrize("native", BACKENDS)
 def test_row_offsets_into_per_batch_storage(native: bool) -> None:
     g = torch.Generator().manual_seed(5)
-    for chunk in (None, 1, 8):
+    for chunk, evenly in ((None, False), (1, False), (8, False), (2, True), (3, True), (None, True)):
         b, r, t, n = 3, 7, 21, 19
         s = torch.randint(-3000, 3000, (1, r * t), generator=g).float()
-        v = torch.randint(-3000, 3000, (b, t * n + 4), generator=g).float()
-        vrow = torch.randperm(t, generator=g) * n
+        v = torch.randint(-3000, 3000, (b, t * (n + 2) + 4), generator=g).float()
+        # evenly spaced rows (a convolution's output gradient) take a strided view instead of a gather
+        vrow = torch.arange(t) * (n + 2) + 3 if evenly else torch.randperm(t, generator=g) * n
         out, _ = gathered_int_gemm(s, torch.arange(r), torch.arange(t) * r, v, vrow=vrow, n=n, chunk=chunk, native=native)
         a = s[0].reshape(t, r).t()
         for i in range(b):

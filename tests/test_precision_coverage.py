@@ -433,7 +433,7 @@ def test_what_is_not_emulated_raises_clearly() -> None:
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
     with pytest.raises(ValueError, match="packed sequences .* not emulated"):
         lstm(packed)
-    with emulating("dfp16"), pytest.raises(ValueError, match="groups=2 cannot be emulated under the DFP policy"):
-        F.conv2d(torch.randn(1, 4, 5, 5), nn.Parameter(torch.randn(4, 2, 3, 3)), groups=2)
+    with emulating("dfp16"), pytest.raises(ValueError, match="conv3d cannot be emulated under the DFP policy"):
+        F.conv3d(torch.randn(1, 4, 3, 5, 5), nn.Parameter(torch.randn(4, 2, 3, 3, 3)), groups=2)
     # the hooks left the module stack clean after the exception: the model still runs
     assert lstm(torch.randn(5, 2, 3))[0].shape == (5, 2, 4) and emulation_of(lstm)._stack == []

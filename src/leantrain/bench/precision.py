@@ -20,7 +20,7 @@ from torch import nn
 
 from leantrain.bench import check, compare
 from leantrain.models import resnet20
-from leantrain.numerics.gathered_gemm import native_available
+from leantrain.numerics.native import dfp_gemm_path
 from leantrain.precision import emulate, policy_names
 from leantrain.registry import benchmark
 
@@ -63,6 +63,8 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         row = compare(f"{name} step", _step_fn(model, x, y), fp32_step, baseline_name="fp32 step (unwrapped)",
                       repeats=repeats, min_sample_s=0.1 if quick else 0.3, device=device)
         row["policy"] = name
+        if name == "dfp16":
+            row["gemm_path"] = dfp_gemm_path()
         rows.append(row)
         if name in BOUNDS:
             checks.append(check(f"{name} step / fp32 step", row["ratio"], "<=", BOUNDS[name]))
@@ -108,5 +110,5 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
                       "transformer": {"d_model": dim, "heads": heads, "ffn": 4 * dim, "layers": 2, "seq": seq,
                                       "batch": tbatch},
                       "threads": torch.get_num_threads(),
-                      # dfp16 convolutions: native C kernel, or the torch fallback where no compiler works
-                      "dfp_native_kernel": native_available()}}
+                      # dfp16 GEMMs (conv and linear): native C kernel, or the torch fallback where no compiler works
+                      "dfp_gemm_path": dfp_gemm_path()}}

@@ -27,7 +27,7 @@ from leantrain.precision import PrecisionHooks, Recorder, get_policy
 from leantrain.precision.policy import Policy
 from leantrain.train import History, accuracy_metric, fit
 
-__all__ = ["RunResult", "train_run", "parity", "Parity", "underflow_table", "mean_curve_plot"]
+__all__ = ["RunResult", "train_run", "parity", "Parity", "underflow_table", "mean_curve_plot", "wrapped_registers"]
 
 
 @dataclass
@@ -151,3 +151,11 @@ def mean_curve_plot(path: Path, groups: dict[str, list[RunResult]], key: str, *,
         if len(runs) > 1:
             bands[name] = (x, [min(c) for c in cols], [max(c) for c in cols])
     return curves(path, series, xlabel=xlabel, ylabel=ylabel, title=title, bands=bands)
+
+
+def wrapped_registers(run: RunResult) -> tuple[int, int]:
+    """``(wrapped, recorded)`` integer-accumulator registers of a DFP run, summed over its three GEMMs (the
+    recorder's ``acc_overflows`` and ``acc_sums``); ``(0, 0)`` for a run without integer GEMMs."""
+    gemms = [run.summary[f"gemm:{g}"] for g in ("forward", "backward_data", "backward_weight")
+             if f"gemm:{g}" in run.summary]
+    return int(sum(s["acc_overflows"] for s in gemms)), int(sum(s["acc_sums"] for s in gemms))

@@ -22,6 +22,7 @@ from leantrain.experiments._precision_training import (
     parity,
     train_run,
     underflow_table,
+    wrapped_registers,
 )
 from leantrain.models import resnet20
 from leantrain.plots import curves
@@ -125,13 +126,16 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     notes = (
         "Same model initialisation, data order and hyper-parameters for every policy (seed "
         f"{seed}); FP32 over seeds {seeds32} gives the yardstick. The dfp16 run here uses the policy's default "
-        "chunked INT32 accumulator; dfp16-vision studies the accumulator. Paper numbers: the notes give none "
+        "chunked INT32 accumulator (wrapped / recorded registers: "
+        + ", ".join("{} / {}".format(*wrapped_registers(r)) for r in runs["dfp16"])
+        + "); dfp16-vision studies the accumulator. Paper numbers: the notes give none "
         "unmarked for the CNN workloads, so none are shown.\n\n" + "\n\n".join(
             get_policy(k).describe() for k in ("bf16", "fp16-scaled")))
     metrics = {"setting": cfg, "test_accuracy": acc,
                "parity": {k: vars(p) for k, p in par.items()},
                "dy": {k: v[0].summary.get("dy") for k, v in runs.items()},
                "skipped_steps": {k: [r.skipped for r in v] for k, v in runs.items()},
+               "dfp16_wrapped_registers": [wrapped_registers(r) for r in runs["dfp16"]],
                "wall_s": {k: [r.wall_s for r in v] for k, v in runs.items()},
                "history": {k: [r.history.evals for r in v] for k, v in runs.items()}}
     return Result(metrics, claims, ["test_accuracy.png", "dy_underflow.png"], [table, under], notes)

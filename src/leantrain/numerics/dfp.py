@@ -110,7 +110,12 @@ def to_dfp(
     exp = dfp_exponent(amax, bits)
     # 2^-E as a float32 factor when it is a normal float32 (the usual case), else scale in float64 (exact).
     work = torch.float32 if x.dtype != torch.float64 and int(exp.min()) > -126 and int(exp.max()) < 126 else torch.float64
-    mant = round_to_integer(_ldexp(xb.to(work), -exp.unsqueeze(-1)), rounding, generator=generator)
+    if block is None:  # one exponent: _ldexp's two power-of-two products, by scalars (no pow passes)
+        neg = -int(exp)
+        scaled = xb.to(work) * 2.0 ** (neg // 2) * 2.0 ** (neg - neg // 2)
+    else:
+        scaled = _ldexp(xb.to(work), -exp.unsqueeze(-1))
+    mant = round_to_integer(scaled, rounding, generator=generator)
     mant = mant.to(mantissa_dtype(bits)).reshape(x.shape)
     return mant, (exp.reshape(()) if block is None else exp)
 

@@ -104,8 +104,9 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
             must be distinct. ``accumulate=True`` adds instead of writing, row by row in increasing ``r`` (so
             an element's contributions are summed in float32 in that order: the col2im of a convolution's
             backward-data GEMM, in ``F.fold``'s order).
-        count_wraps: count the wrapped registers. ``False`` lets the native kernel use int32 registers (when
-            ``acc_bits <= 32``), which wrap by themselves and are faster; ``wrapped`` is then None.
+        count_wraps: count the wrapped registers. ``False`` lets the native kernel use its pair kernel (when
+            ``acc_bits <= 32``: int16 operands, two products per instruction into int32 registers, which wrap by
+            themselves; several times faster); ``wrapped`` is then None.
         native: force (True) or forbid (False) the native kernel; None uses it when available for CPU tensors.
 
     Returns:
@@ -154,12 +155,11 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
             else:
                 buf[:, idx] = out[:, r]
         return buf, wrapped
-    wrapping = not count_wraps and acc_bits <= 32
-    if wrapping:
-        name, dt, extra = "lt_gathered_gemm_i32", torch.int32, (32 - acc_bits,)
-    else:
-        name = "lt_gathered_gemm_n8" if n_ <= 8 else "lt_gathered_gemm_n16"
-        dt, extra = torch.float64, (float(lo), float(hi), float(2**acc_bits))
+    if not count_wraps and acc_bits <= 32:
+        return _pair_native(s, srow, scol, v, vrow, nb, r_, n_, t_, c, acc_bits, f1, f2, shape, transpose_out, into,
+                            accumulate), None
+    name = "lt_gathered_gemm_n8" if n_ <= 8 else "lt_gathered_gemm_n16"
+    dt, extra = torch.float64, (float(lo), float(hi), float(2**acc_bits))
     vb = GEMM_BLOCKS[name][1]
     vn = -(-n_ // vb) * vb  # columns rounded up to whole vector blocks
     s64 = s.to(dt).contiguous()
@@ -174,33 +174,91 @@ def gathered_int_gemm(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v
         v64[:, :v.shape[1]] = v
         vrow_c = vrow.contiguous()
         v_batch = v64.shape[1] if v64.shape[0] > 1 else 0
-    srow_c, scol_c = srow.contiguous(), scol.contiguous()
-    if into is None:
-        out = torch.empty(shape, dtype=torch.float32)
-        ar = lambda m: torch.arange(m, dtype=torch.int64)  # noqa: E731
-        orow_c, ocol_c = (ar(r_), ar(n_) * r_) if transpose_out else (ar(r_) * n_, ar(n_))
-        o_batch = r_ * n_
-    else:
-        out, orow_c, ocol_c = into[0], into[1].contiguous(), into[2].contiguous()
-        o_batch = out.shape[1]
-    lib = native_library()
-    fn = getattr(lib, name)
-    args = (s64.data_ptr(), s_batch, srow_c.data_ptr(), scol_c.data_ptr(), v64.data_ptr(), v_batch,
-            vrow_c.data_ptr(), out.data_ptr(), o_batch, orow_c.data_ptr(), ocol_c.data_ptr(), int(accumulate),
-            f1, f2)
-    tail = (t_, vn, n_, c, *extra)
+    out, orow_c, ocol_c, o_batch = _out_tables(shape, transpose_out, into, r_, n_)
+    fn = getattr(native_library(), name)
+    args = (s64.data_ptr(), s_batch, srow.contiguous().data_ptr(), scol.contiguous().data_ptr(), v64.data_ptr(),
+            v_batch, vrow_c.data_ptr(), out.data_ptr(), o_batch, orow_c.data_ptr(), ocol_c.data_ptr(),
+            int(accumulate), f1, f2)
+    return out, _launch(fn, args, (t_, vn, n_, c, *extra), nb, r_)
+
+
+def _out_tables(shape: tuple[int, int, int], transpose_out: bool,
+                into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, r_: int,
+                n_: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The kernels' output: (buffer, orow, ocol, batch stride), a new (B, R, N) or (B, N, R) tensor or ``into``."""
+    if into is not None:
+        return into[0], into[1].contiguous(), into[2].contiguous(), into[0].shape[1]
+    ar = lambda m: torch.arange(m, dtype=torch.int64)  # noqa: E731
+    orow, ocol = (ar(r_), ar(n_) * r_) if transpose_out else (ar(r_) * n_, ar(n_))
+    return torch.empty(shape, dtype=torch.float32), orow, ocol, r_ * n_
+
+
+def _launch(fn: object, args: tuple, tail: tuple, nb: int, r_: int) -> int:
+    """Run a kernel driver over the batch on OpenMP threads (or Python threads without OpenMP); its summed count."""
     workers = max(1, torch.get_num_threads())
-    if lib.lt_has_openmp() or workers == 1 or nb == 1:  # type: ignore[union-attr]
-        counts = [fn(*args, 0, nb, r_, *tail)]
+    if native_library().lt_has_openmp() or workers == 1 or nb == 1:  # type: ignore[union-attr]
+        counts = [fn(*args, 0, nb, r_, *tail)]  # type: ignore[operator]
     else:  # no OpenMP in this build: split the batch over Python threads (ctypes releases the GIL)
         cuts = [nb * i // workers for i in range(workers + 1)]
-        jobs = [_executor().submit(fn, *args, cuts[i], cuts[i + 1], r_, *tail)
+        jobs = [_executor().submit(fn, *args, cuts[i], cuts[i + 1], r_, *tail)  # type: ignore[arg-type]
                 for i in range(workers) if cuts[i] < cuts[i + 1]]
         counts = [j.result() for j in jobs]
-    wrapped = sum(counts)
     if min(counts) < 0:
         raise MemoryError("gathered_int_gemm: the native kernel could not allocate its row buffer")
-    return out, (None if wrapping else int(wrapped))
+    return int(sum(counts))
+
+
+def _pair_native(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v: torch.Tensor, vrow: torch.Tensor | None,
+                 nb: int, r_: int, n_: int, t_: int, c: int, acc_bits: int, f1: float, f2: float,
+                 shape: tuple[int, int, int], transpose_out: bool,
+                 into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, accumulate: bool) -> torch.Tensor:
+    """The wrapping register model (``acc_bits <= 32``, nothing counted) in the native pair kernel (``native.c``).
+
+    The reduction is laid out in pairs, chunk by chunk: chunk ``j`` (indices ``[j c, min((j+1) c, T))``) becomes
+    ``cp = ceil(c / 2)`` pairs ``(j c + 2i, j c + 2i + 1)``; a missing second index (odd chunk, short last chunk)
+    gets a zero in the second operand, so it adds nothing. The second operand is packed as int16 pairs
+    ``(B or 1, pairs, Vn, 2)`` (columns padded with zeros to the kernel's vector width), the gathered one as int16.
+    """
+    lib = native_library()
+    lanes = int(lib.lt_pair_lanes())  # type: ignore[union-attr]
+    vn = -(-n_ // lanes) * lanes
+    if vrow is None:  # (T, N) shared by the batch
+        rows = v.unsqueeze(0)
+    elif t_ == 1 or bool((vrow[1:] - vrow[:-1] == vrow[1] - vrow[0]).all()) and int(vrow[1] - vrow[0]) >= n_:
+        # evenly spaced rows (a convolution's output gradient, one row per channel): a strided view, no gather
+        step = int(vrow[1] - vrow[0]) if t_ > 1 else n_
+        rows = v.as_strided((v.shape[0], t_, n_), (v.stride(0), step, 1), v.storage_offset() + int(vrow[0]))
+    else:  # V_b[t, n] = v[b, vrow[t] + n]
+        rows = v[:, vrow.unsqueeze(1) + torch.arange(n_, dtype=torch.int64).unsqueeze(0)]
+    if -(-t_ // c) == 1:
+        c = t_ + t_ % 2  # one chunk: a zero product at the end changes nothing
+    if c % 2 == 0:  # pairs (2i, 2i + 1) never straddle a chunk: strided copies, T padded with one zero if odd
+        cp, npair = c // 2, (t_ + 1) // 2
+        vp = torch.zeros(rows.shape[0], npair, vn, 2, dtype=torch.int16)
+        vp[:, :, :n_, 0] = rows[:, 0::2]
+        vp[:, :t_ // 2, :n_, 1] = rows[:, 1::2]
+        sca = scol[0::2].contiguous()
+        scb = torch.cat([scol[1::2], scol[-1:]]) if t_ % 2 else scol[1::2].contiguous()
+    else:
+        cp = (c + 1) // 2
+        nch = -(-t_ // c)
+        j = torch.arange(nch, dtype=torch.int64).repeat_interleave(cp)
+        ta = j * c + 2 * torch.arange(cp, dtype=torch.int64).repeat(nch)
+        end = torch.clamp((j + 1) * c, max=t_)
+        has_a, has_b = ta < end, ta + 1 < end
+        ta = torch.where(has_a, ta, 0)
+        tb = torch.where(has_b, ta + 1, ta)
+        vp = torch.zeros(rows.shape[0], ta.shape[0], vn, 2, dtype=torch.int16)
+        vp[:, :, :n_, 0] = rows[:, ta] * has_a.unsqueeze(1)
+        vp[:, :, :n_, 1] = rows[:, tb] * has_b.unsqueeze(1)
+        sca, scb = scol[ta].contiguous(), scol[tb].contiguous()
+    s16 = s.to(torch.int16).contiguous()
+    out, orow_c, ocol_c, o_batch = _out_tables(shape, transpose_out, into, r_, n_)
+    args = (s16.data_ptr(), s16.shape[1] if s16.shape[0] > 1 else 0, srow.contiguous().data_ptr(), sca.data_ptr(),
+            scb.data_ptr(), vp.data_ptr(), vp[0].numel() if vp.shape[0] > 1 else 0, out.data_ptr(), o_batch,
+            orow_c.data_ptr(), ocol_c.data_ptr(), int(accumulate), f1, f2)
+    _launch(lib.lt_pair_gemm, args, (sca.shape[0], vn, n_, cp, 32 - acc_bits), nb, r_)  # type: ignore[union-attr]
+    return out
 
 
 def _torch_path(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v: torch.Tensor, vrow: torch.Tensor | None,

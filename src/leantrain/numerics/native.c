@@ -12,10 +12,10 @@
  * - float64 ("counting"): operands are integers with |x| < 2^15, so every product (< 2^30) and every partial sum
  *   of a chunk (< T 2^30 < 2^53) is exact in float64 in any order (vectorised, fused multiply-adds). A chunk sum
  *   outside the register's range is wrapped modulo 2^acc_bits and counted.
- * - int32 ("wrapping", acc_bits <= 32): two's-complement int32 arithmetic is the register itself: each product
- *   is exact in 32 bits and the additions wrap modulo 2^32, which is associative, so the lanes may add in any
- *   order; a narrower register is the sign extension of the low acc_bits bits. Nothing is counted. Unsigned
- *   arithmetic is used because signed overflow is undefined in C.
+ * - int32 ("wrapping", acc_bits <= 32, the pair kernel below): int16 operands, two's-complement int32 arithmetic
+ *   is the register itself: each pair of products is exact in 32 bits and the additions wrap modulo 2^32, which
+ *   is associative, so the lanes may add in any order; a narrower register is the sign extension of the low
+ *   acc_bits bits. Nothing is counted.
  * The only order-sensitive arithmetic is the float32 chain across chunks, done one chunk at a time, in chunk
  * order, with plain float32 adds (int -> float conversion rounds to nearest even in both models). Compile without
  * -ffast-math: reassociating the chain would change results.
@@ -148,47 +148,6 @@ __attribute__((noinline)) static int64_t wrap_block(v8d *s, int n, int valid_row
         return wrapped;                                                                                          \
     }
 
-/* int32 register block: RB rows x 16 columns, wrapping (nothing counted); shift = 32 - acc_bits. */
-#define DEFINE_I32_BODY(NAME, RB)                                                                                \
-    static int64_t NAME(float *rowbuf, KERNEL_ARGS(int32_t), int64_t b, int64_t r0, int64_t r1, int64_t T,       \
-                        int64_t Vn, int64_t Nout, int64_t chunk, int shift) {                                    \
-        const int32_t *Sb = S + b * s_batch;                                                                     \
-        const int32_t *Vb = V + b * v_batch;                                                                     \
-        for (int64_t r = r0; r < r1; r += RB) {                                                                  \
-            int nr = r1 - r < RB ? (int)(r1 - r) : RB;                                                           \
-            const int32_t *rows[RB];                                                                             \
-            for (int q = 0; q < RB; ++q) rows[q] = Sb + srow[q < nr ? r + q : r + nr - 1];                       \
-            for (int64_t v = 0; v < Vn; v += 16) {                                                               \
-                v16f acc[RB];                                                                                    \
-                for (int64_t t0 = 0; t0 < T; t0 += chunk) {                                                      \
-                    int64_t t1 = t0 + chunk < T ? t0 + chunk : T;                                                \
-                    v16u s[RB];                                                                                  \
-                    for (int q = 0; q < RB; ++q) s[q] = (v16u){0};                                               \
-                    for (int64_t t = t0; t < t1; ++t) {                                                          \
-                        v16u w;                                                                                  \
-                        memcpy(&w, Vb + vrow[t] + v, sizeof w);                                                  \
-                        const int64_t c = scol[t];                                                               \
-                        for (int q = 0; q < RB; ++q) s[q] += (uint32_t)rows[q][c] * w;                           \
-                    }                                                                                            \
-                    for (int q = 0; q < RB; ++q) {                                                               \
-                        v16i reg = (v16i)s[q];                                                                   \
-                        if (shift) reg = (v16i)(s[q] << (uint32_t)shift) >> shift; /* sign-extend acc_bits */    \
-                        v16f f = __builtin_convertvector(reg, v16f);                                             \
-                        if (t0 == 0)                                                                             \
-                            acc[q] = f;                                                                          \
-                        else                                                                                     \
-                            acc[q] += f;                                                                         \
-                    }                                                                                            \
-                }                                                                                                \
-                for (int q = 0; q < RB; ++q) memcpy(rowbuf + q * Vn + v, &acc[q], sizeof acc[q]);                \
-            }                                                                                                    \
-            for (int q = 0; q < nr; ++q)                                                                         \
-                store_row(out + b * o_batch + orow[r + q], ocol, rowbuf + q * Vn, Nout, accumulate, scale1,      \
-                          scale2);                                                                               \
-        }                                                                                                        \
-        return 0;                                                                                                \
-    }
-
 /* The exported driver: work units are one batch element (accumulate: its rows must be added in order by one
  * thread), else one register block of rows of one batch element, shared by the OpenMP threads (the runtime torch
  * uses, see the Python module). Returns the wrapped-register count, or -1 if a row buffer could not be allocated. */
@@ -222,16 +181,198 @@ __attribute__((noinline)) static int64_t wrap_block(v8d *s, int n, int valid_row
 
 #define F64_PARAMS , double lo, double hi, double mod
 #define F64_PASS , lo, hi, mod
-#define I32_PARAMS , int shift
-#define I32_PASS , shift
 
 /* Narrow V (N <= 8): more rows per block; wide V: two vectors per row. */
 DEFINE_F64_BODY(f64_n8_body, 12, 1)
 DEFINE_F64_BODY(f64_n16_body, 6, 2)
-DEFINE_I32_BODY(i32_n16_body, 12)
 DEFINE_DRIVER(lt_gathered_gemm_n8, f64_n8_body, double, 12, F64_PARAMS, F64_PASS)
 DEFINE_DRIVER(lt_gathered_gemm_n16, f64_n16_body, double, 6, F64_PARAMS, F64_PASS)
-DEFINE_DRIVER(lt_gathered_gemm_i32, i32_n16_body, int32_t, 12, I32_PARAMS, I32_PASS)
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Pair kernel (the wrapping register model on int16 operands, used on every unrecorded step):
+ *
+ * out[b][r][n] = fp32 chain over chunks j of fp32(sext(sum_{p in chunk j} S[b*s_batch + srow[r] + sca[p]] * VP[p][n][0]
+ *                                                                    + S[b*s_batch + srow[r] + scb[p]] * VP[p][n][1]))
+ *
+ * The caller (gathered_gemm.py) lays the reduction out in pairs: chunk j holds pairs j*cp .. j*cp + cp - 1 and pair p
+ * covers the reduction indices (ta, tb) of one chunk, tb absent (VP[p][n][1] = 0, scb[p] = sca[p]) when a chunk has
+ * an odd length. VP holds the second operand as int16 pairs (VP[b*v_batch + (p*Vn + n)*2 + {0, 1}]), S the gathered
+ * operand as int16. Operands are integers with |x| < 2^15, so a pair's two products sum exactly in int32 (each is
+ * at most (2^15 - 1)^2 = 2^30 - 2^16 + 1, the pair below 2^31); the chunk register then adds pairs modulo 2^32
+ * (two's complement, associative: the order of the additions does not matter) and a narrower register is the sign
+ * extension of its low acc_bits bits (shift = 32 - acc_bits). This is the same register value as the exact chunk
+ * sum wrapped into [-2^(acc_bits-1), 2^(acc_bits-1) - 1]. The register is converted to float32 (round to nearest
+ * even) and the chunks are chained with float32 adds in chunk order, exactly as in the float64 kernels above.
+ *
+ * One pair is one instruction where the CPU has it: VPMADDWD (AVX2, AVX-512BW: the two int16 products of each
+ * 32-bit lane summed into int32) or VPDPWSSD (AVX-512 VNNI: the same plus the register add, without saturation).
+ * Portable vector code computes the same integers elsewhere.
+ */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define PAIR_LANES 16
+typedef __m512i ivec;
+typedef __m512 fvec;
+#define IV_ZERO() _mm512_setzero_si512()
+#define IV_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define IV_SET1(x) _mm512_set1_epi32(x)
+#if defined(__AVX512VNNI__)
+#define IV_DOT(acc, w, a) _mm512_dpwssd_epi32((acc), (w), (a))
+#else
+#define IV_DOT(acc, w, a) _mm512_add_epi32((acc), _mm512_madd_epi16((w), (a)))
+#endif
+#define IV_MADD(w, a) _mm512_madd_epi16((w), (a))
+#define IV_SEXT(x, sh) _mm512_sra_epi32(_mm512_sll_epi32((x), _mm_cvtsi32_si128(sh)), _mm_cvtsi32_si128(sh))
+#define FV_CVT(x) _mm512_cvtepi32_ps(x)
+#define FV_ADD(a, b) _mm512_add_ps((a), (b))
+#define FV_STORE(p, x) _mm512_storeu_ps((p), (x))
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define PAIR_LANES 8
+typedef __m256i ivec;
+typedef __m256 fvec;
+#define IV_ZERO() _mm256_setzero_si256()
+#define IV_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define IV_SET1(x) _mm256_set1_epi32(x)
+#define IV_DOT(acc, w, a) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (a)))
+#define IV_MADD(w, a) _mm256_madd_epi16((w), (a))
+#define IV_SEXT(x, sh) _mm256_sra_epi32(_mm256_sll_epi32((x), _mm_cvtsi32_si128(sh)), _mm_cvtsi32_si128(sh))
+#define FV_CVT(x) _mm256_cvtepi32_ps(x)
+#define FV_ADD(a, b) _mm256_add_ps((a), (b))
+#define FV_STORE(p, x) _mm256_storeu_ps((p), (x))
+#else
+#define PAIR_LANES 8
+typedef int16_t v16s __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef v8i ivec;
+typedef v8f fvec;
+static inline ivec pair_madd(ivec w, ivec a) {
+    v16s ws = (v16s)w, as = (v16s)a;
+    v8u even = (v8u)__builtin_convertvector(__builtin_shufflevector(ws, ws, 0, 2, 4, 6, 8, 10, 12, 14), v8i);
+    v8u odd = (v8u)__builtin_convertvector(__builtin_shufflevector(ws, ws, 1, 3, 5, 7, 9, 11, 13, 15), v8i);
+    v8u ae = (v8u)__builtin_convertvector(__builtin_shufflevector(as, as, 0, 2, 4, 6, 8, 10, 12, 14), v8i);
+    v8u ao = (v8u)__builtin_convertvector(__builtin_shufflevector(as, as, 1, 3, 5, 7, 9, 11, 13, 15), v8i);
+    return (ivec)(even * ae + odd * ao); /* unsigned: wraps modulo 2^32 like the instruction */
+}
+static inline ivec iv_load(const int16_t *p) {
+    ivec x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+#define IV_ZERO() ((ivec){0})
+#define IV_LOAD(p) iv_load((const int16_t *)(p))
+#define IV_SET1(x) ((ivec){0} + (int32_t)(x))
+#define IV_DOT(acc, w, a) ((ivec)((v8u)(acc) + (v8u)pair_madd((w), (a))))
+#define IV_MADD(w, a) pair_madd((w), (a))
+#define IV_SEXT(x, sh) ((ivec)((v8u)(x) << (uint32_t)(sh)) >> (sh))
+#define FV_CVT(x) __builtin_convertvector((x), fvec)
+#define FV_ADD(a, b) ((a) + (b))
+#define FV_STORE(p, x) memcpy((p), &(x), sizeof(x))
+#endif
+
+/* The (uint16 a, uint16 b) pair as one 32-bit lane: a in the low half (paired with VP[..][0]), b in the high half. */
+static inline int32_t pair_of(int16_t a, int16_t b) {
+    return (int32_t)((uint32_t)(uint16_t)a | ((uint32_t)(uint16_t)b << 16));
+}
+
+#define PAIR_RB 12
+/* One batch element, rows r0..r1: register blocks of PAIR_RB rows x PAIR_LANES columns. */
+static void pair_body(float *rowbuf, const int16_t *S, int64_t s_batch, const int64_t *srow, const int64_t *sca,
+                      const int64_t *scb, const int16_t *VP, int64_t v_batch, float *out, int64_t o_batch,
+                      const int64_t *orow, const int64_t *ocol, int accumulate, float scale1, float scale2, int64_t b,
+                      int64_t r0, int64_t r1, int64_t TP, int64_t Vn, int64_t Nout, int64_t cp, int shift) {
+    const int16_t *Sb = S + b * s_batch;
+    const int16_t *Vb = VP + b * v_batch;
+    for (int64_t r = r0; r < r1; r += PAIR_RB) {
+        int nr = r1 - r < PAIR_RB ? (int)(r1 - r) : PAIR_RB;
+        const int16_t *rows[PAIR_RB];
+        for (int q = 0; q < PAIR_RB; ++q) rows[q] = Sb + srow[q < nr ? r + q : r + nr - 1];
+        for (int64_t v = 0; v < Vn; v += PAIR_LANES) {
+            fvec acc[PAIR_RB];
+            if (cp == 1) { /* chunks of one pair (<= 2 products): no register loop */
+                for (int64_t p = 0; p < TP; ++p) {
+                    const ivec w = IV_LOAD(Vb + (p * Vn + v) * 2);
+                    const int64_t ca = sca[p], cb = scb[p];
+                    for (int q = 0; q < PAIR_RB; ++q) {
+                        ivec reg = IV_MADD(w, IV_SET1(pair_of(rows[q][ca], rows[q][cb])));
+                        if (shift) reg = IV_SEXT(reg, shift);
+                        fvec f = FV_CVT(reg);
+                        acc[q] = p == 0 ? f : FV_ADD(acc[q], f);
+                    }
+                }
+            } else {
+                for (int64_t p0 = 0; p0 < TP; p0 += cp) {
+                    const int64_t p1 = p0 + cp < TP ? p0 + cp : TP;
+                    ivec s[PAIR_RB];
+                    for (int q = 0; q < PAIR_RB; ++q) s[q] = IV_ZERO();
+                    for (int64_t p = p0; p < p1; ++p) {
+                        const ivec w = IV_LOAD(Vb + (p * Vn + v) * 2);
+                        const int64_t ca = sca[p], cb = scb[p];
+                        for (int q = 0; q < PAIR_RB; ++q)
+                            s[q] = IV_DOT(s[q], w, IV_SET1(pair_of(rows[q][ca], rows[q][cb])));
+                    }
+                    for (int q = 0; q < PAIR_RB; ++q) {
+                        ivec reg = s[q];
+                        if (shift) reg = IV_SEXT(reg, shift);
+                        fvec f = FV_CVT(reg);
+                        acc[q] = p0 == 0 ? f : FV_ADD(acc[q], f);
+                    }
+                }
+            }
+            for (int q = 0; q < PAIR_RB; ++q) FV_STORE(rowbuf + q * Vn + v, acc[q]);
+        }
+        for (int q = 0; q < nr; ++q)
+            store_row(out + b * o_batch + orow[r + q], ocol, rowbuf + q * Vn, Nout, accumulate, scale1, scale2);
+    }
+}
+
+/* Driver of the pair kernel: work units as in DEFINE_DRIVER. Returns 0, or -1 if a row buffer could not be
+ * allocated. */
+int64_t lt_pair_gemm(const int16_t *S, int64_t s_batch, const int64_t *srow, const int64_t *sca, const int64_t *scb,
+                     const int16_t *VP, int64_t v_batch, float *out, int64_t o_batch, const int64_t *orow,
+                     const int64_t *ocol, int accumulate, float scale1, float scale2, int64_t b0, int64_t b1, int64_t R,
+                     int64_t TP, int64_t Vn, int64_t Nout, int64_t cp, int shift) {
+    const int64_t nrb = (R + PAIR_RB - 1) / PAIR_RB;
+    const int64_t per_b = accumulate ? 1 : nrb;
+    const int64_t units = (b1 - b0) * per_b;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *rowbuf = malloc(sizeof(float) * PAIR_RB * Vn);
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; ++u) {
+            if (!rowbuf) continue;
+            int64_t b = b0 + u / per_b;
+            int64_t r0 = accumulate ? 0 : (u % per_b) * PAIR_RB;
+            int64_t r1 = accumulate ? R : (r0 + PAIR_RB < R ? r0 + PAIR_RB : R);
+            pair_body(rowbuf, S, s_batch, srow, sca, scb, VP, v_batch, out, o_batch, orow, ocol, accumulate, scale1,
+                      scale2, b, r0, r1, TP, Vn, Nout, cp, shift);
+        }
+        if (!rowbuf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        free(rowbuf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The pair kernel's column block (the caller pads VP's columns to a multiple of it). */
+int lt_pair_lanes(void) { return PAIR_LANES; }
+
+/* Which instructions the pair kernel was built with (reported by the benchmarks). */
+const char *lt_pair_isa(void) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+    return "AVX-512 VNNI (VPDPWSSD)";
+#elif defined(__AVX512BW__) && defined(__AVX512VL__)
+    return "AVX-512BW (VPMADDWD)";
+#elif defined(__AVX2__)
+    return "AVX2 (VPMADDWD)";
+#else
+    return "portable vector code";
+#endif
+}
 
 /* Whether this build runs its work units on OpenMP threads (else the caller splits the batch itself). */
 int lt_has_openmp(void) {

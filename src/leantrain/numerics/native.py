@@ -24,14 +24,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["native_available", "native_library"]
+__all__ = ["native_available", "native_library", "dfp_gemm_path"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("native.c")
 # No -ffast-math: float32 chains must not be reassociated; contraction only touches exact float64 integer sums.
 _FLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11"]
 # The GEMM kernels' register blocks: (rows, columns); V is padded to a multiple of the columns.
-GEMM_BLOCKS = {"lt_gathered_gemm_n8": (12, 8), "lt_gathered_gemm_n16": (6, 16), "lt_gathered_gemm_i32": (12, 16)}
+GEMM_BLOCKS = {"lt_gathered_gemm_n8": (12, 8), "lt_gathered_gemm_n16": (6, 16)}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -107,10 +107,16 @@ def _compile() -> ctypes.CDLL:
     i64, ptr, f32, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
     for name in GEMM_BLOCKS:
         fn = getattr(lib, name)
-        extra = [ctypes.c_int] if name.endswith("i32") else [f64, f64, f64]
         fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int, f32, f32,
-                       i64, i64, i64, i64, i64, i64, i64, *extra]
+                       i64, i64, i64, i64, i64, i64, i64, f64, f64, f64]
         fn.restype = i64
+    # the pair kernel: S, s_batch, srow, sca, scb, VP, v_batch, out, o_batch, orow, ocol, accumulate, scale1, scale2,
+    # b0, b1, R, pairs, Vn, N, pairs per chunk, shift
+    lib.lt_pair_gemm.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int, f32, f32,
+                                 i64, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+    lib.lt_pair_gemm.restype = i64
+    lib.lt_pair_lanes.restype = ctypes.c_int
+    lib.lt_pair_isa.restype = ctypes.c_char_p
     lib.lt_has_openmp.restype = ctypes.c_int
     lib.lt_round_stochastic_f32.argtypes = [ptr, i64, ptr, ptr, ptr]
     lib.lt_round_stochastic_f32.restype = None
@@ -140,6 +146,14 @@ def native_available() -> bool:
     return _lib is not None
 
 
+
+
+def dfp_gemm_path() -> str:
+    """Which implementation runs the integer (DFP) GEMMs on CPU tensors here, in words (for benchmarks and reports)."""
+    lib = native_library()
+    if lib is None:
+        return "torch fallback (no working C compiler, or LEANTRAIN_NATIVE=0)"
+    return f"native C kernel, {lib.lt_pair_isa().decode()}"
 
 
 def native_library() -> ctypes.CDLL | None:

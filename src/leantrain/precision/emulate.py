@@ -193,8 +193,6 @@ def _reason(m: nn.Module, policy: Policy) -> str | None:
     if isinstance(m, nn.EmbeddingBag) and policy.embeddings:
         return "nn.EmbeddingBag (F.embedding_bag) is not emulated"
     if isinstance(m, _CONV) and policy.forward.integer:
-        if m.groups != 1:
-            return f"DFP convolution with groups={m.groups} is not emulated (groups=1 only)"
         if len(m.kernel_size) > 2:
             return "DFP emulation supports 1-d and 2-d convolutions only"
     return None

@@ -20,6 +20,7 @@ channels in the integer accumulator; the sum over the kernel taps that overlap a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,8 +291,20 @@ def _position_offsets(ho: int, wo: int, wp: int, stride: Any, device: torch.devi
     return (_steps(ho, stride[0] * wp, device)[:, None] + _steps(wo, stride[1], device)[None, :]).reshape(-1)
 
 
+def _group_slices(geo: ConvGeometry, xm: torch.Tensor, wm: torch.Tensor) -> list[tuple[slice, slice]]:
+    """Per group: its input channels (dim 1 of X) and its rows of the weight (dim 0): a grouped
+    convolution is ``groups`` independent convolutions, group ``g`` reading input channels ``g C/G ..`` with weight
+    rows ``g O/G ..`` (``ConvTranspose``: weight rows are input channels, ``g C/G ..`` too)."""
+    ci, wo = xm.shape[1] // geo.groups, wm.shape[0] // geo.groups
+    return [(slice(g * ci, (g + 1) * ci), slice(g * wo, (g + 1) * wo)) for g in range(geo.groups)]
+
+
 def _dfp_conv_forward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp: int, geo: ConvGeometry,
                       x_shape: torch.Size) -> torch.Tensor:
+    if geo.groups > 1:  # one integer convolution per group, same shared exponents; outputs side by side
+        one = dataclasses.replace(geo, groups=1)
+        return torch.cat([_dfp_conv_forward(L, xm[:, xs], wm[ws], exp, one, x_shape)
+                          for xs, ws in _group_slices(geo, xm, wm)], dim=1)
     stride, pad, dil, opad = _geom2d(geo)
     x2, w2 = _as2d(xm), _as2d(wm)
     n, (kh, kw) = x2.shape[0], w2.shape[-2:]
@@ -324,6 +337,16 @@ def _dfp_conv_forward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exp:
 
 def _dfp_conv_backward(L: LayerNumerics, xm: torch.Tensor, wm: torch.Tensor, exps: tuple[int, int], gd: Any, gw: Any,
                        geo: ConvGeometry, x_shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if geo.groups > 1:  # per group (its output-gradient channels: O/G, or Cout/G when transposed); concatenated
+        one = dataclasses.replace(geo, groups=1)
+        co = (gd or gw)[0].shape[1] // geo.groups
+        parts = []
+        for g, (xs, ws) in enumerate(_group_slices(geo, xm, wm)):
+            ys = slice(g * co, (g + 1) * co)
+            parts.append(_dfp_conv_backward(L, xm[:, xs], wm[ws], exps, gd and (gd[0][:, ys], gd[1]),
+                                            gw and (gw[0][:, ys], gw[1]), one, x_shape))
+        return (None if gd is None else torch.cat([p[0] for p in parts], dim=1),
+                None if gw is None else torch.cat([p[1] for p in parts], dim=0))
     stride, pad, dil, _ = _geom2d(geo)
     xe, we = exps
     x2, w2 = _as2d(xm), _as2d(wm)
@@ -394,8 +417,8 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geome
          numerics: LayerNumerics) -> torch.Tensor:
     """``aten.convolution`` (any ``nn.ConvNd``/``nn.ConvTransposeNd``) with the GEMM inputs rounded.
 
-    DFP policies support 1-d and 2-d convolutions with ``groups == 1`` (checked by
-    :func:`leantrain.precision.emulate`).
+    DFP policies support 1-d and 2-d convolutions (checked by :func:`leantrain.precision.emulate`), grouped and
+    depthwise ones as one integer convolution per group.
     """
     return _Conv.apply(x, weight, bias, numerics, geometry)
 

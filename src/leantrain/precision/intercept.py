@@ -32,7 +32,7 @@ GEMM kinds: ``"parameter"`` when an operand is an ``nn.Parameter`` (or a view of
 ``"activation"`` when neither is (attention, DLRM interactions, a computed kernel): the first operand plays X,
 the second W, and the policy's activation GEMM formats apply (:meth:`Policy.for_kind`). ``"embedding"``: a
 lookup. Not emulated, with a clear error: packed RNN sequences, embeddings with ``max_norm``/``sparse``/
-``scale_grad_by_freq``, DFP convolutions with ``groups > 1`` or 3-d kernels on this branch. Any GEMM inside a C++
+``scale_grad_by_freq``, DFP convolutions with 3-d kernels. Any GEMM inside a C++
 operator leantrain does not route (``cdist``, ``conv_tbc``, a custom extension) runs FP32 and is reported by the
 audit.
 """
@@ -446,10 +446,10 @@ def _conv_handler(nd: int, transposed: bool) -> Callable[..., Any]:
         geo = ConvGeometry(stride, _tuple(padding, nd), dilation, transposed,
                            _tuple(vals.get("output_padding", 0), nd), int(vals["groups"]))
         L = m.numerics("parameter" if _is_param(w) else "activation")
-        if L.policy.forward.integer and (geo.groups != 1 or nd == 3):
-            raise ValueError(f"{'transposed ' if transposed else ''}conv{nd}d with groups={geo.groups} cannot be "
-                             f"emulated under the DFP policy {L.policy.name!r} (DFP convolutions: 1-d and 2-d, "
-                             f"groups=1); name the module in allow_unsupported to keep it FP32")
+        if L.policy.forward.integer and nd == 3:
+            raise ValueError(f"{'transposed ' if transposed else ''}conv3d cannot be emulated under the DFP policy "
+                             f"{L.policy.name!r} (DFP convolutions: 1-d and 2-d, any groups); name the module in "
+                             f"allow_unsupported to keep it FP32")
         y = _ConvG.apply(x, w, b, L, geo)
         return y.squeeze(0) if unbatched else y
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from leantrain.numerics import int_matmul, quantize, to_dfp
-from leantrain.numerics.gathered_gemm import gathered_int_gemm
+from leantrain.numerics.gathered_gemm import gathered_int_gemm, native_available
 from leantrain.numerics.intmatmul import _wrap_chunk_sums_t
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.policy import DFPSpec, FloatSpec, IntAccumulator, Policy
@@ -153,15 +153,16 @@ class LayerNumerics:
             shape = (nb, cols, r) if transpose_out else (nb, r, cols)
             return torch.full(shape, float("nan"), dtype=torch.float32, device=s.device)
         chunk = acc.chunk_for(gemm)
-        recording = self.recording()
-        # Unrecorded steps need no count: int32 registers wrap by themselves (the faster native kernel).
+        # Unrecorded steps need no count, nor do chunks that cannot wrap by bound (the count is 0): int32 registers
+        # wrap by themselves (the faster native kernel).
+        count = self.recording() and not self.policy.wrap_free(gemm)
         out, bad = gathered_int_gemm(s, srow, scol, v, vrow=vrow, n=n, chunk=chunk, acc_bits=acc.bits,
                                      scale_exp=scale_exp, transpose_out=transpose_out, into=into, accumulate=accumulate,
-                                     count_wraps=recording)
-        if recording:
+                                     count_wraps=count)
+        if self.recording():
             t = scol.shape[0]
             nch = -(-t // min(chunk or t, t)) if t else 0
-            self.recorder.observe_accumulator(self.name, gemm, nch * nb * r * cols, bad)  # type: ignore[union-attr]
+            self.recorder.observe_accumulator(self.name, gemm, nch * nb * r * cols, bad or 0)  # type: ignore[union-attr]
         return out
 
     def int_gemm(self, a: torch.Tensor, b: torch.Tensor, scale_exp: int, gemm: str, *,
@@ -186,6 +187,19 @@ class LayerNumerics:
         # events=False: with wrap-around only the exact chunk sums matter (fast exact path of int_matmul);
         # the stats then count registers whose sum left the accumulator range (wrong results).
         chunk = acc.chunk_for(gemm)
+        if self.wraps_exactly() and 0 < k < 2**23 and a.device.type == "cpu" and native_available():
+            # the native pair kernel (gathered_int_gemm) reading A and B where they lie: A[m, k] at
+            # m stride_m + k stride_k of its storage (A^T's row-major order when transposed)
+            if transposed:
+                flat, sm, sk = a.reshape(-1), 1, m
+            elif a.is_contiguous() or not a.t().is_contiguous():
+                flat, sm, sk = a.contiguous(), k, 1
+            else:  # a transposed view, e.g. the output gradient's (O, batch)
+                flat, sm, sk = a.t(), 1, m
+            bmat = b.reshape(n, k).t() if b_transposed else b
+            out = self.gathered_gemm(flat.reshape(1, -1), torch.arange(m, device=a.device) * sm,
+                                     torch.arange(k, device=a.device) * sk, bmat, scale_exp, gemm)
+            return out[0]
         if self.wraps_exactly() and 0 < k < 2**23:
             # int_matmul's fast wrap path itself, without the integer casts: DFP16 mantissas are integers with
             # |m| < 2^15, so K |a| |b| < 2^53 (its exactness condition) holds for K < 2^23.

@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from leantrain.numerics import BF16, FP8_E4M3, FP8_E5M2, FP16, FloatFormat
+from leantrain.numerics import BF16, FP8_E4M3, FP8_E5M2, FP16, FloatFormat, safe_chunk
 
 __all__ = [
     "FloatSpec",
@@ -153,10 +153,15 @@ class IntAccumulator:
     chunk length (their reductions differ: input channels x taps, output channels x taps, batch x
     positions). ``overflow`` is what the accumulator does when a sum leaves its range:
     ``"wrap"`` (two's complement, what integer hardware does), ``"saturate"`` or ``"error"``.
+
+    The default, chunks of 2, is overflow-free by bound for DFP16 operands (``|m| <= 2^15 - 1``): two
+    products sum to at most ``2 (2^15 - 1)^2 = 2^31 - 2^17 + 2 <= 2^31 - 1``, while three can reach
+    ``3.2e9`` (:func:`leantrain.numerics.safe_chunk`). Longer chunks are faster to emulate only on paper
+    and wrap on real data (``dfp16-vision`` counts them).
     """
 
     bits: int = 32
-    chunk: Chunk | tuple[Chunk, Chunk, Chunk] = (8, 8, 256)
+    chunk: Chunk | tuple[Chunk, Chunk, Chunk] = 2
     overflow: Literal["wrap", "saturate", "error"] = "wrap"
 
     def __post_init__(self) -> None:
@@ -311,6 +316,36 @@ class Policy:
         """A copy with some fields changed (``dataclasses.replace``), e.g. another chunk length."""
         return dataclasses.replace(self, **changes)
 
+    def _operand_max(self) -> int:
+        """The largest DFP mantissa magnitude of the GEMM inputs, ``2^(bits-1) - 1`` (0 without DFP inputs)."""
+        return max((2 ** (s.bits - 1) - 1 for g in self.gemms().values() for s in (g.a, g.b)
+                    if isinstance(s, DFPSpec)), default=0)
+
+    def wrap_free(self, gemm: str) -> bool:
+        """Whether no INT register of GEMM ``gemm`` can wrap, by bound: a chunk of ``c`` products of mantissas
+        ``|m| <= M = 2^(bits-1) - 1`` sums to at most ``c M^2``, which fits when ``c <= safe_chunk(M, M, acc_bits)``
+        (INT16 operands in INT32: ``c <= 2``). False for float GEMMs, unchunked registers and longer chunks."""
+        acc = self.accumulator
+        if not isinstance(acc, IntAccumulator):
+            return False
+        c, top = acc.chunk_for(gemm), self._operand_max()
+        return c is not None and c <= safe_chunk(top, top, acc.bits)
+
+    def _wrap_bound(self) -> str:
+        """Per GEMM, whether its chunk registers can wrap (:meth:`wrap_free`), with the numbers."""
+        acc = self.accumulator
+        assert isinstance(acc, IntAccumulator)
+        top, hi = self._operand_max(), 2 ** (acc.bits - 1) - 1
+        parts = []
+        for g in GEMM_NAMES:
+            c = acc.chunk_for(g)
+            if self.wrap_free(g):
+                parts.append(f"{g}: overflow-free by bound ({c} x {top}^2 = {c * top * top} <= {hi})")  # type: ignore[operator]
+            else:
+                parts.append(f"{g}: can wrap ({'unchunked' if c is None else f'{c} x {top}^2 > {hi}'}; "
+                             "the Recorder counts wrapped registers)")
+        return "; ".join(parts)
+
     def describe(self) -> str:
         """A Markdown table of the data flow: every GEMM input's format, the accumulator, what stays FP32."""
         acc = "FP32" if self.accumulator == "fp32" else self.accumulator.label
@@ -334,6 +369,8 @@ class Policy:
             f"- embeddings rounded: {'yes' if self.embeddings else 'no (FP32)'}",
             "- FP32: " + "; ".join(self.fp32_ops),
         ]
+        if isinstance(self.accumulator, IntAccumulator):
+            extra.insert(0, "- INT registers: " + self._wrap_bound())
         return f"**policy `{self.name}`**\n\n" + "\n".join(rows) + "\n\n" + "\n".join(extra)
 
 
@@ -362,11 +399,12 @@ def _named() -> dict[str, Policy]:
         "fp8": _float_policy("fp8", e4m3, e5m2),
         # DFP16: activations and weights rounded to nearest; output gradients stochastically, which
         # keeps small gradients unbiased under the shared exponent (the paper's choice was not
-        # recovered, see docs/precision.md). INT32 accumulation in chunks of 8 products (forward, backward-data)
-        # and 256 (backward-weight): per GEMM the longest chunk with no wrapped register in dfp16-vision's
-        # measurement (the paper's block length was not recovered).
+        # recovered, see docs/precision.md). INT32 accumulation in chunks of 2 products in every GEMM: the
+        # longest chunk that cannot wrap for any DFP16 operands (2 (2^15 - 1)^2 = 2^31 - 2^17 + 2 <= 2^31 - 1,
+        # three products can reach 3.2e9). Longer chunks wrap on real data (dfp16-vision measures it); the
+        # paper's block length was not recovered.
         "dfp16": Policy("dfp16", forward=Gemm(dfp, dfp), backward_data=Gemm(dfp_sr, dfp),
-                        backward_weight=Gemm(dfp, dfp_sr), accumulator=IntAccumulator(32, (8, 8, 256), "wrap")),
+                        backward_weight=Gemm(dfp, dfp_sr), accumulator=IntAccumulator(32, 2, "wrap")),
     }
 
 
