@@ -328,7 +328,7 @@ def test_cli_quantize_on_a_leantrain_train_checkpoint(tmp_path: Path, capsys: py
     assert main(["quantize", str(run_dir / "checkpoint.pt"), "--group-size", "4", "--bn-recalibration",
                  "--out", str(out), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["config"]["grouping"] == "fgq:4" and out.stat().st_size == res["file_bytes"]
+    assert res["config"]["weights"]["grouping"] == "fgq:4" and out.stat().st_size == res["file_bytes"]
     assert load_quantized(out)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
