@@ -214,6 +214,48 @@ class QuantizedModel(nn.Module):
             layer.mode = mode
         return self
 
+    @torch.no_grad()
+    def path_agreement(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Run the fake-quant and the integer path on the same inputs and compare them end to end.
+
+        Returns ``{"layers": {name: {"codes", "flipped", "max_code_diff"}}, "flip_rate", "max_code_diff",
+        "max_abs_diff", "rel_diff"}``: for every quantized layer with quantized inputs, how many input
+        activation codes it computed in each mode and how many differ (a tiny float difference
+        upstream moves a value across a rounding boundary), and the outputs' largest absolute
+        difference and ``||int - fake|| / ||fake||`` (over all output tensors). The mode is restored.
+        """
+        layers = {n: m for n, m in self.quant_layers().items() if m.act is not None}
+        modes = {n: m.mode for n, m in self.quant_layers().items()}
+        seen: dict[str, list[torch.Tensor]] = {}
+
+        def hook(m: nn.Module, inp: Any, name: str) -> None:
+            seen.setdefault(name, []).append(m.act.levels(inp[0]).detach())
+
+        outs = []
+        for mode in ("fake", "integer"):
+            handles = [m.register_forward_pre_hook(lambda m, inp, name=n: hook(m, inp, name)) for n, m in layers.items()]
+            try:
+                self.set_mode(mode)
+                outs.append([t.detach().float() for t in _tensors(self.model(*args, **kwargs))])
+            finally:
+                for h in handles:
+                    h.remove()
+        for n, m in self.quant_layers().items():
+            m.mode = modes[n]
+        per: dict[str, dict[str, int]] = {}
+        for n, codes in seen.items():
+            half = len(codes) // 2
+            diff = [(a - b).abs() for a, b in zip(codes[:half], codes[half:])]
+            per[n] = {"codes": sum(d.numel() for d in diff), "flipped": int(sum(int((d > 0).sum()) for d in diff)),
+                      "max_code_diff": int(max((float(d.max()) for d in diff if d.numel()), default=0.0))}
+        total = sum(v["codes"] for v in per.values())
+        num = sum(float((a - b).double().square().sum()) for a, b in zip(*outs))
+        den = sum(float(a.double().square().sum()) for a in outs[0])
+        return {"layers": per, "flip_rate": sum(v["flipped"] for v in per.values()) / total if total else 0.0,
+                "max_code_diff": max((v["max_code_diff"] for v in per.values()), default=0),
+                "max_abs_diff": max((float((a - b).abs().max()) for a, b in zip(*outs) if a.numel()), default=0.0),
+                "rel_diff": (num / den) ** 0.5 if den else 0.0}
+
     # -- residual edges ---------------------------------------------------------------------------
     def set_residuals(self, k: int) -> None:
         """Switch on the ``k`` most important residual edges of ``edge_order`` and off all others.
@@ -292,7 +334,8 @@ class QuantizedModel(nn.Module):
             grouping = r.grouping if r.status == "quantized" else "kept FP32"
             scale = "-" if math.isnan(r.scale_mean) else f"{r.scale_mean:.4g}"
             lines.append(
-                f"{r.name:<{nw}} {r.role:<9} {'x'.join(map(str, r.shape)):<16} {grouping:<14} {r.weight_bits:>2} {r.act_bits:>2} {r.terms:>2} "
+                f"{r.name:<{nw}} {r.role:<9} {'x'.join(map(str, r.shape)):<16} {grouping:<14} {r.weight_bits:>2} "
+                f"{r.act_bits:>2} {r.terms:>2} "
                 f"{r.groups:>6} {scale:>10} {r.rel_error:>8.4f} {r.macs:>9} {r.mults:>9} {100 * r.mults_replaced:>7.1f}% "
                 f"{r.mem_fp32_bytes / 1024:>9.1f} {r.mem_quant_bytes / 1024:>8.2f}")
         s = self.summary()
@@ -430,6 +473,17 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, calib
             q.finish_calibration()
     qmodel.calibration_sample = batches[0].head(128)
     return qmodel
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor of a model output (tensor, tuple/list, dict or ModelOutput), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
 
 
 class _Call:

@@ -121,6 +121,7 @@ def dataflow_groups(model: nn.Module, cands: Sequence[str], call: Any) -> tuple[
     the output's spatial size for convolutions (``batch`` taken from ``call.batch_size``).
     """
     seen: list[tuple[str, tuple]] = []
+    alive: list[Any] = []  # inputs held until the end, so that no storage is freed and reused by a later tensor
     positions: dict[str, int] = {}
     handles = []
     batch = max(int(getattr(call, "batch_size", 1)), 1)
@@ -135,7 +136,8 @@ def dataflow_groups(model: nn.Module, cands: Sequence[str], call: Any) -> tuple[
 
         def hook(m: nn.Module, inp: Any, out: Any, name: str = name) -> None:
             if name not in positions:
-                seen.append((name, key(inp[0] if inp else None)))
+                alive.append(inp[0] if inp else None)
+                seen.append((name, key(alive[-1])))
             if isinstance(out, torch.Tensor):
                 conv = isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or \
                     getattr(m, "spec", {}).get("kind", "linear") != "linear"
