@@ -372,6 +372,19 @@ def test_cli_quantize_on_a_leantrain_train_checkpoint(tmp_path: Path, capsys: py
     res = json.loads(capsys.readouterr().out)
     assert res["config"]["weights"]["grouping"] == "fgq:4" and out.stat().st_size == res["file_bytes"]
     assert load_quantized(out)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    # The same conversion from a QuantConfig file; a bad file is a clear error, not a traceback.
+    from leantrain.quant import ActQuant, QuantConfig, WeightQuant
+
+    cfg = QuantConfig(WeightQuant(bits=4, grouping="cluster:2"), ActQuant(bits=6), keep=("role:other",))
+    cfg_path = tmp_path / "q.json"
+    cfg_path.write_text(json.dumps(cfg.to_dict()))
+    assert main(["quantize", str(run_dir / "checkpoint.pt"), "--config", str(cfg_path), "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["config"] == cfg.to_dict()
+    assert all(r["status"].startswith("kept") for r in res["layers"])  # a LeNet has no blocks: every layer is "other"
+    cfg_path.write_text('{"weights": {"bitz": 2}}')
+    assert main(["quantize", str(run_dir / "checkpoint.pt"), "--config", str(cfg_path), "--out", str(out)]) == 2
+    assert "unknown weights keys" in capsys.readouterr().err
 
 
 def test_batchnorm_recalibration_matches_the_statistics_of_the_converted_network() -> None:
