@@ -204,3 +204,21 @@ def test_integer_path_vs_fake_quant_within_the_documented_bounds(name: str) -> N
     assert agree["max_code_diff"] <= 1
     assert agree["flip_rate"] <= 1e-3
     assert math.isfinite(agree["rel_diff"]) and agree["rel_diff"] <= 1e-3
+
+
+def test_ternary_lm_model_converts_and_round_trips(tmp_path: Path) -> None:
+    from leantrain.experiments.ternary_lm import CharTransformer
+
+    torch.manual_seed(0)
+    lm = CharTransformer(97, seq_len=16, d_model=32, heads=4, layers=2, ff=64).eval()
+    ids = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(1))
+    q = quantize_model(lm, QuantConfig(WeightQuant(2, "fgq:16")), calibration=ids)
+    rows = {r.name: r for r in q.report()}
+    assert {n for n, r in rows.items() if r.status.startswith("kept")} == {"blocks.layers.0.self_attn.in_proj", "head"}
+    assert rows["blocks.layers.1.linear1"].role == "mlp" and rows["blocks.layers.1.self_attn.out_proj"].role == "attention"
+    assert rows["blocks.layers.1.linear1"].macs == 64 * 32 * 16  # K * R * L, L = 16 tokens per window
+    assert rows["blocks.layers.1.linear1"].mults_replaced == pytest.approx(1 - 1 / 16)
+    save_quantized(q, tmp_path / "lm.lt")
+    q2 = load_quantized(tmp_path / "lm.lt", lambda: CharTransformer(97, seq_len=16, d_model=32, heads=4, layers=2, ff=64))
+    with torch.no_grad():
+        assert torch.equal(q2(ids), q(ids))
