@@ -222,3 +222,45 @@ def test_ternary_lm_model_converts_and_round_trips(tmp_path: Path) -> None:
     q2 = load_quantized(tmp_path / "lm.lt", lambda: CharTransformer(97, seq_len=16, d_model=32, heads=4, layers=2, ff=64))
     with torch.no_grad():
         assert torch.equal(q2(ids), q(ids))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_projected_attention_computes_what_multihead_attention_computes(batch_first: bool) -> None:
+    from leantrain.quant import ProjectedAttention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    pa = ProjectedAttention(mha).eval()
+    g = torch.Generator().manual_seed(1)
+    L, S, N = 5, 7, 3
+
+    def seq(n: int) -> torch.Tensor:
+        t = torch.randn(N, n, 16, generator=g)
+        return t if batch_first else t.transpose(0, 1)
+
+    q, kv = seq(L), seq(S)
+    pad = torch.zeros(N, S, dtype=torch.bool)
+    pad[1, 5:] = True
+    bool_mask = torch.rand(L, S, generator=g) > 0.7
+    bool_mask[:, 0] = False  # every query sees at least one key
+    float_mask = torch.randn(N * 4, L, S, generator=g)
+    cases = [dict(), dict(key_padding_mask=pad), dict(attn_mask=bool_mask, key_padding_mask=pad),
+             dict(attn_mask=float_mask), dict(average_attn_weights=False)]
+    with torch.no_grad():
+        for kw in cases:
+            for query, key in ((q, q), (q, kv)):  # self attention and cross attention
+                if query is key:
+                    kw2 = {k: (v[:, :L] if k == "key_padding_mask" else v[..., :L] if k == "attn_mask" else v)
+                           for k, v in kw.items()}
+                else:
+                    kw2 = kw
+                ref_out, ref_w = mha(query, key, key, **kw2)
+                out, w = pa(query, key, key, **kw2)
+                assert torch.allclose(out, ref_out, atol=1e-6, rtol=1e-5), kw
+                assert torch.allclose(w, ref_w, atol=1e-6, rtol=1e-5), kw
+        causal = nn.Transformer.generate_square_subsequent_mask(L)
+        ref, _ = mha(q, q, q, attn_mask=causal, need_weights=False)
+        out, w = pa(q, q, q, is_causal=True, need_weights=False)
+        assert w is None and torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
+        single = q[0] if batch_first else q[:, 0]  # unbatched (L, E)
+        assert torch.allclose(pa(single, single, single)[0], mha(single, single, single)[0], atol=1e-6, rtol=1e-5)

@@ -64,10 +64,10 @@ class CharTransformer(nn.Module):
 def _setting(profile: str) -> dict[str, Any]:
     if profile == "quick":
         return {"seq_len": 64, "train_chars": 160_000, "test_chars": 24_000, "d_model": 64, "heads": 4, "layers": 2,
-                "ff": 256, "epochs": 4, "batch_size": 32, "lr": 3e-3, "seeds": 3, "random_orders": 3,
+                "ff": 256, "epochs": 8, "batch_size": 64, "lr": 1e-2, "seeds": 3, "random_orders": 3,
                 "residual_budget": 0.5}
     return {"seq_len": 128, "train_chars": 450_000, "test_chars": 50_000, "d_model": 128, "heads": 4, "layers": 4,
-            "ff": 512, "epochs": 6, "batch_size": 32, "lr": 2e-3, "seeds": 3, "random_orders": 5,
+            "ff": 512, "epochs": 8, "batch_size": 64, "lr": 5e-3, "seeds": 3, "random_orders": 5,
             "residual_budget": 0.5}
 
 
