@@ -264,3 +264,44 @@ def test_projected_attention_computes_what_multihead_attention_computes(batch_fi
         assert w is None and torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
         single = q[0] if batch_first else q[:, 0]  # unbatched (L, E)
         assert torch.allclose(pa(single, single, single)[0], mha(single, single, single)[0], atol=1e-6, rtol=1e-5)
+
+
+def _import_or_skip(name: str) -> object:
+    # Registry torchvision/timm are built against CUDA torch and fail to import beside the CPU wheel
+    # (ImportError, OSError or RuntimeError depending on the build): skip with that reason.
+    try:
+        return __import__(name)
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not usable here"
+        pytest.skip(f"{name} cannot be imported beside this torch build ({type(exc).__name__}: {exc})")
+
+
+def test_torchvision_cnns_quantize_and_reload(tmp_path: Path) -> None:
+    _import_or_skip("torchvision")
+    from torchvision.models import mobilenet_v3_small, resnet18
+
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for build in (lambda: resnet18(num_classes=10), lambda: mobilenet_v3_small(num_classes=10)):
+        torch.manual_seed(0)
+        net = build().eval()
+        q = quantize_model(net, calibration=x, grouping="fgq:8:partial")
+        rows = q.report()
+        assert rows[0].status.startswith("kept") and rows[-1].status.startswith("kept")  # stem and classifier
+        assert all(r.status == "kept FP32 (grouped convolution)" for r in rows if r.status.startswith("kept")
+                   and r.name not in (rows[0].name, rows[-1].name))
+        save_quantized(q, tmp_path / "cnn.lt")
+        with torch.no_grad():
+            assert torch.equal(load_quantized(tmp_path / "cnn.lt", build)(x), q(x))
+
+
+def test_timm_vit_quantizes_with_roles(tmp_path: Path) -> None:
+    timm = _import_or_skip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = quantize_model(vit, calibration=x, grouping="fgq:8")
+    rows = {r.name: r for r in q.report()}
+    assert {n for n, r in rows.items() if r.status.startswith("kept")} == {"patch_embed.proj", "head"}
+    assert rows["blocks.0.attn.qkv"].role == "attention" and rows["blocks.0.mlp.fc1"].role == "mlp"
+    save_quantized(q, tmp_path / "vit.lt")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "vit.lt", vit)(x), q(x))
