@@ -99,6 +99,7 @@ def _arm(model: nn.Module, data: Any, cfg: QuantConfig, device: str, calib: Any)
 
 
 def _one_seed(cfg: dict[str, Any], data: Any, vocab: int, seed: int, out: Path, device: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
     model, train_info = _train(cfg, data, vocab, seed, device)
     calib = [data.train.tensors[0][i:i + 128] for i in range(0, 8 * 128, 128)]
     fp32 = _bpc(model, data.test, device)
@@ -141,6 +142,7 @@ def _one_seed(cfg: dict[str, Any], data: Any, vocab: int, seed: int, out: Path, 
                                    "steps": hist.evals[-1]["step"]}
     packed = save_quantized(qft, out / f"lm_fgq64_finetuned_seed{seed}.lt")
     return {"seed": seed, "fp32": fp32, "arms": arms, "train": train_info, "agreement": agreement,
+            "seed_s": time.perf_counter() - t0,
             "files": {"fgq64_finetuned_bytes": packed["bytes"], "fp32_state_bytes": packed["fp32_state_bytes"],
                       "int8_bytes": size}, "finetune_epochs": ft_epochs}
 
