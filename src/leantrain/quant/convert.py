@@ -432,7 +432,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, calib
     if not cands:
         raise ValueError("model has no Linear/Conv1d/Conv2d layer (or transformers Conv1D) to quantize")
     role_of = roles(qnet, cands)
-    first, last, positions = dataflow_groups(qnet, cands, _Call(qnet, batches[0].to(device)))
+    probe = batches[0].to(device)
+    first, last, positions = dataflow_groups(qnet, cands, lambda: probe(qnet), batch_size=probe.batch_size)
     kept = resolve_keep(cands, config.keep, role_of, first, last)
     w, a = config.weights, config.activations
     layer_info: dict[str, dict[str, Any]] = {}
@@ -484,13 +485,3 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _tensors(v)]
     return []
-
-
-class _Call:
-    """``batch(model)`` as a no-argument call with the batch size (for :func:`dataflow_groups`)."""
-
-    def __init__(self, model: nn.Module, batch: Batch) -> None:
-        self.model, self.batch, self.batch_size = model, batch, batch.batch_size
-
-    def __call__(self) -> Any:
-        return self.batch(self.model)

@@ -36,7 +36,7 @@ silently ignored.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -94,6 +94,7 @@ def roles(model: nn.Module, cands: list[str]) -> dict[str, str]:
     """The role of each candidate (module docstring)."""
     blocks = _blocks(model, cands)
     order = {n: i for i, n in enumerate(cands)}
+    in_blocks = [order[c] for c in cands if any(c == b or c.startswith(b + ".") for b in blocks)]
     out: dict[str, str] = {}
     for name in cands:
         block = next((b for b in blocks if name.startswith(b + ".") or name == b), None)
@@ -108,23 +109,23 @@ def roles(model: nn.Module, cands: list[str]) -> dict[str, str]:
         elif not blocks:
             out[name] = "other"
         else:
-            in_blocks = [order[c] for c in cands if any(c == b or c.startswith(b + ".") for b in blocks)]
             out[name] = "embedding" if order[name] < min(in_blocks) else "head" if order[name] > max(in_blocks) else "other"
     return out
 
 
-def dataflow_groups(model: nn.Module, cands: Sequence[str], call: Any) -> tuple[list[str], list[str], dict[str, int]]:
+def dataflow_groups(model: nn.Module, cands: Sequence[str], call: Callable[[], Any], *,
+                    batch_size: int) -> tuple[list[str], list[str], dict[str, int]]:
     """``first`` group, ``last`` group and output positions per sample, from one forward pass ``call()``.
 
     Candidates that read the same input tensor (same storage, offset, shape and strides) are siblings.
-    Positions per sample ``L`` of a layer are ``numel(output) / (K * batch)`` for linear layers and
-    the output's spatial size for convolutions (``batch`` taken from ``call.batch_size``).
+    Positions per sample ``L`` of a layer are ``numel(output) / (K * batch_size)`` for linear layers
+    and the output's spatial size for convolutions.
     """
     seen: list[tuple[str, tuple]] = []
     alive: list[Any] = []  # inputs held until the end, so that no storage is freed and reused by a later tensor
     positions: dict[str, int] = {}
     handles = []
-    batch = max(int(getattr(call, "batch_size", 1)), 1)
+    batch = max(int(batch_size), 1)
 
     def key(t: Any) -> tuple:
         if not isinstance(t, torch.Tensor):
