@@ -415,3 +415,20 @@ def test_conversion_and_both_paths_run_on_cuda() -> None:
     fake = q(xc)
     assert torch.allclose(fake.cpu(), q_cpu(x), atol=1e-4)
     assert torch.allclose(q.set_mode("integer")(xc).cpu(), fake.cpu(), atol=0.05 * float(fake.abs().max()))
+
+
+def test_loading_a_packed_file_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    q = quantize_model(net, calibration=x, keep=None)
+    save_quantized(q, tmp_path / "q.lt")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_quantized must not unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    assert torch.equal(load_quantized(tmp_path / "q.lt", net)(x), q(x))
