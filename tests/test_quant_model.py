@@ -382,6 +382,9 @@ def test_cli_quantize_on_a_leantrain_train_checkpoint(tmp_path: Path, capsys: py
     res = json.loads(capsys.readouterr().out)
     assert res["config"] == cfg.to_dict()
     assert all(r["status"].startswith("kept") for r in res["layers"])  # a LeNet has no blocks: every layer is "other"
+    assert main(["quantize", str(run_dir / "checkpoint.pt"), "--config", str(cfg_path), "--weights", "int8",
+                 "--out", str(out)]) == 2
+    assert "do not also pass --weights" in capsys.readouterr().err
     cfg_path.write_text('{"weights": {"bitz": 2}}')
     assert main(["quantize", str(run_dir / "checkpoint.pt"), "--config", str(cfg_path), "--out", str(out)]) == 2
     assert "unknown weights keys" in capsys.readouterr().err

@@ -57,7 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
     add_common(p, out=None)
     p.add_argument("--out", default="qmodel.lt", help="packed output file (default qmodel.lt)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_defaults={d: p.get_default(d) for d in _CONFIG_DESTS})
+
+
+# Options that --config replaces (an explicit one beside --config is an error, not silently ignored).
+_CONFIG_DESTS = ("weights", "grouping", "group_size", "remainder", "method", "act_bits", "act_method",
+                 "calibration_batches", "keep", "bn_recalibration", "scale_dtype")
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
@@ -67,6 +72,9 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     from leantrain.quant.config import QuantConfig
 
     if args.config is not None:
+        clash = [f"--{d.replace('_', '-')}" for d in _CONFIG_DESTS if getattr(args, d) != args.config_defaults[d]]
+        if clash:
+            raise ValueError(f"--config replaces the weight/activation/keep options; do not also pass {', '.join(clash)}")
         try:
             raw = json.loads(Path(args.config).read_text(encoding="utf-8"))
         except FileNotFoundError:
