@@ -134,14 +134,21 @@ _STATE_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", 
 
 
 def _put_state(state: dict[str, torch.Tensor], put: Any) -> dict[str, Any]:
-    """Raw little-endian bytes of each tensor; the header keeps name, dtype, shape and byte range."""
+    """Raw little-endian bytes of each tensor; the header keeps name, dtype, shape and byte range.
+
+    Tied entries (one tensor under two names, e.g. a language model's input embedding and output
+    head) are stored once; both names point at the same byte range.
+    """
     meta = {}
+    stored: dict[tuple, list[int]] = {}
     for key, v in state.items():
         dtype = str(v.dtype).removeprefix("torch.")
         if dtype not in _STATE_DTYPES:
             raise ValueError(f"cannot store state entry {key!r} of dtype {dtype}")
-        data = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        meta[key] = {"dtype": dtype, "shape": list(v.shape), "range": put(data)}
+        ident = (v.device.type, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), dtype)
+        if ident not in stored or v.numel() == 0:
+            stored[ident] = put(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        meta[key] = {"dtype": dtype, "shape": list(v.shape), "range": stored[ident]}
     return meta
 
 
