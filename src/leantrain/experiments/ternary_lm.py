@@ -183,12 +183,15 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     def fmt(v: list[float], p: int = 3) -> str:
         return ", ".join(f"{x:.{p}f}" for x in v)
 
+    def pct(v: list[float]) -> str:
+        return ", ".join(f"{100 * x:+.1f}%" for x in v)
+
     claims = []
     r4 = rel("FGQ N=4")
     claims.append(Claim(
         "FGQ N=4, 8-bit activations, no retraining: small loss (our extension to a transformer LM)",
         "CNNs: ResNet-101 within 3.7, ResNet-50 within 4.2 top-1 points of FP32 (no LM numbers in the papers)",
-        f"bpc FP32 {fmt(fp32)} -> N=4 {fmt(per_seed('FGQ N=4'))} per seed (+{fmt([100 * x for x in r4], 1)}%)",
+        f"bpc FP32 {fmt(fp32)} -> N=4 {fmt(per_seed('FGQ N=4'))} per seed ({pct(r4)})",
         "relative bpc increase <= 5% on every seed (our translation of 'within ~4 points' of a ~75% top-1)",
         all(x <= 0.05 for x in r4)))
     mean_bpc = [statistics.mean(per_seed(f"FGQ N={n}")) for n in FGQ_N]
@@ -225,7 +228,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     claims.append(Claim(
         f"STE fine-tuning at N=64 ({runs[0]['finetune_epochs']} of {cfg['epochs']} epochs) recovers most of the loss",
         "ResNet-50 8-2 N=64 within 4 points of FP32 after < 30% extra training",
-        f"bpc {fmt(g64)} -> {fmt(ft)} (FP32 {fmt(fp32)}; +{fmt([100 * x for x in rft], 1)}%)",
+        f"bpc {fmt(g64)} -> {fmt(ft)} (FP32 {fmt(fp32)}; {pct(rft)})",
         "relative bpc increase after fine-tuning <= 5% on every seed (same translation as N=4)", all(x <= 0.05 for x in rft)))
     agree = [r["agreement"] for r in runs]
     claims.append(Claim(
@@ -240,7 +243,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     rows = [["FP32", fmt(fp32), "-", "0.0%", "0.0%", f"{runs[0]['arms'][names[0]]['mem_fp32_bytes'] / 1024:.1f}"]]
     for arm in names:
         a0 = runs[0]["arms"][arm]
-        rows.append([arm, fmt(per_seed(arm)), f"+{100 * statistics.mean(rel(arm)):.1f}%",
+        rows.append([arm, fmt(per_seed(arm)), pct([statistics.mean(rel(arm))]),
                      f"{100 * a0['mults_replaced_quantized_layers']:.1f}%", f"{100 * a0['mults_replaced']:.1f}%",
                      f"{a0['mem_quant_bytes'] / 1024:.1f}"])
     table = Table(f"test bits per character per seed ({cfg['layers']}-layer d={cfg['d_model']} transformer, "
