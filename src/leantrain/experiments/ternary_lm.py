@@ -164,6 +164,18 @@ def _subset(ds: Any, n: int) -> Any:
     quick_minutes=3.5,
 )
 def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
+    # One intra-op thread: these d=64..128 matmuls gain little from a second thread, and with two threads
+    # on two shared cores every parallel region waits for a descheduled thread (measured: > 2x slower
+    # under load). Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(profile, out, seed, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(profile: str, out: Path, seed: int, device: str) -> Result:
     cfg = _setting(profile)
     t0 = time.perf_counter()
     data = load_dataset("pydocs", seq_len=cfg["seq_len"], max_train_chars=cfg["train_chars"],
@@ -276,7 +288,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
         "on 8 batches of 128 training windows. Multiplications are counted per 64-character window from the real "
         "shapes (model-level fractions include the FP32 head and layer-0 projection). Residual-edge budget: extra "
         "weight bits as a fraction of the 8-2 model's quantized layers; random control = mean over "
-        f"{cfg['random_orders']} random orders. Wall time {time.perf_counter() - t0:.0f} s."
+        f"{cfg['random_orders']} random orders. Runs on one intra-op thread. Wall time {time.perf_counter() - t0:.0f} s."
     )
     metrics = {"setting": cfg, "runs": runs, "data": {k: v for k, v in data.info.extra.items() if k != "vocab"},
                "wall_s": time.perf_counter() - t0}
