@@ -238,11 +238,11 @@ def test_load_rejects_truncated_and_malformed_files(tmp_path: Path) -> None:
     raw = path.read_bytes()
     cases = {
         "truncated": raw[: len(raw) - 10],
-        "truncated: header": raw[:40],
+        "truncated or corrupt: header": raw[:40],
         "preamble": raw[:5],
         "not a leantrain quantized model": b"XXXXXXXX" + raw[8:],
         "corrupt": raw[:-1] + bytes([raw[-1] ^ 0xFF]),
-        "unexpected bytes": raw + b"\0",
+        "CRC-32 mismatch": raw + b"\0",
     }
     for match, data in cases.items():
         bad = tmp_path / "bad.lt"
@@ -251,8 +251,50 @@ def test_load_rejects_truncated_and_malformed_files(tmp_path: Path) -> None:
             load_quantized(bad)
     with pytest.raises(ValueError, match="does not exist"):
         load_quantized(tmp_path / "missing.lt")
-    with pytest.raises(ValueError, match="model_spec"):
-        save_quantized(quantize_model(m, calibration=x), tmp_path / "x.lt")
+    save_quantized(quantize_model(m, calibration=x), tmp_path / "x.lt")  # no spec: needs the architecture to load
+    with pytest.raises(ValueError, match="outside leantrain's zoo"):
+        load_quantized(tmp_path / "x.lt")
+    assert torch.equal(load_quantized(tmp_path / "x.lt", m)(x), quantize_model(m, calibration=x)(x))
+
+
+def test_any_bit_flip_anywhere_in_a_packed_file_is_a_clear_error(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    from leantrain.quant.packed import _PREAMBLE
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    q = quantize_model(net, grouping="fgq:4", calibration=x, keep=None)
+    path = tmp_path / "q.lt"
+    save_quantized(q, path)
+    raw = path.read_bytes()
+    hlen = struct.unpack_from("<Q", raw, 12)[0]
+    regions = {"preamble": range(0, _PREAMBLE.size), "header": range(_PREAMBLE.size, _PREAMBLE.size + hlen),
+               "payload": range(_PREAMBLE.size + hlen, len(raw) - 4), "trailer": range(len(raw) - 4, len(raw))}
+    assert all(len(r) > 0 for r in regions.values())
+    bad = tmp_path / "flipped.lt"
+    for region, positions in regions.items():
+        for pos in positions:  # every byte of the file, one bit each (cycling through the 8 bit positions)
+            data = bytearray(raw)
+            data[pos] ^= 1 << (pos % 8)
+            bad.write_bytes(bytes(data))
+            with pytest.raises(ValueError) as err:
+                load_quantized(bad, net)
+            assert repr(str(bad)) in str(err.value), (region, pos, str(err.value))
+    # The header is covered: 8-bit activations rewritten as 4-bit (same length) no longer load silently.
+    text = raw.decode("latin-1")
+    assert text.count('"act": {"bits": 8') == 3
+    edited = text.replace('"act": {"bits": 8', '"act": {"bits": 4').encode("latin-1")
+    bad.write_bytes(edited)
+    with pytest.raises(ValueError, match="corrupt: CRC-32 mismatch"):
+        load_quantized(bad, net)
+    # Recomputing only a payload checksum would not help: the trailer covers everything before it.
+    body = edited[:-4]
+    bad.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    q4 = load_quantized(bad, net)  # a deliberate re-signing is a different, valid file
+    assert next(iter(q4.quant_layers().values())).act.bits == 4
+    assert torch.equal(load_quantized(path, net)(x), q(x))
 
 
 def test_finetune_trains_shadow_weights_and_codes_follow() -> None:
@@ -328,8 +370,24 @@ def test_cli_quantize_on_a_leantrain_train_checkpoint(tmp_path: Path, capsys: py
     assert main(["quantize", str(run_dir / "checkpoint.pt"), "--group-size", "4", "--bn-recalibration",
                  "--out", str(out), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["config"]["grouping"] == "fgq:4" and out.stat().st_size == res["file_bytes"]
+    assert res["config"]["weights"]["grouping"] == "fgq:4" and out.stat().st_size == res["file_bytes"]
     assert load_quantized(out)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    # The same conversion from a QuantConfig file; a bad file is a clear error, not a traceback.
+    from leantrain.quant import ActQuant, QuantConfig, WeightQuant
+
+    cfg = QuantConfig(WeightQuant(bits=4, grouping="cluster:2"), ActQuant(bits=6), keep=("role:other",))
+    cfg_path = tmp_path / "q.json"
+    cfg_path.write_text(json.dumps(cfg.to_dict()))
+    assert main(["quantize", str(run_dir / "checkpoint.pt"), "--config", str(cfg_path), "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["config"] == cfg.to_dict()
+    assert all(r["status"].startswith("kept") for r in res["layers"])  # a LeNet has no blocks: every layer is "other"
+    assert main(["quantize", str(run_dir / "checkpoint.pt"), "--config", str(cfg_path), "--weights", "int8",
+                 "--out", str(out)]) == 2
+    assert "do not also pass --weights" in capsys.readouterr().err
+    cfg_path.write_text('{"weights": {"bitz": 2}}')
+    assert main(["quantize", str(run_dir / "checkpoint.pt"), "--config", str(cfg_path), "--out", str(out)]) == 2
+    assert "unknown weights keys" in capsys.readouterr().err
 
 
 def test_batchnorm_recalibration_matches_the_statistics_of_the_converted_network() -> None:
@@ -360,3 +418,20 @@ def test_conversion_and_both_paths_run_on_cuda() -> None:
     fake = q(xc)
     assert torch.allclose(fake.cpu(), q_cpu(x), atol=1e-4)
     assert torch.allclose(q.set_mode("integer")(xc).cpu(), fake.cpu(), atol=0.05 * float(fake.abs().max()))
+
+
+def test_loading_a_packed_file_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    q = quantize_model(net, calibration=x, keep=None)
+    save_quantized(q, tmp_path / "q.lt")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_quantized must not unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    assert torch.equal(load_quantized(tmp_path / "q.lt", net)(x), q(x))

@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from leantrain.commands import add_common, declare_outputs, emit, resolve_device
 from leantrain.validation import check_int, check_positive, check_range
+
+if TYPE_CHECKING:
+    from leantrain.quant.config import QuantConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize", help="convert a checkpoint to ternary/4-bit/8-bit weights with 8-bit activations",
         description="Load CHECKPOINT (written by the training loop with a model spec), convert it with "
-                    "leantrain.quant.quantize_model (no retraining), optionally add ternary residual edges "
+                    "leantrain.quant.quantize_model (no retraining; a QuantConfig from the options or --config), "
+                    "optionally add ternary residual edges "
                     "and fine-tune, print the per-layer report and the accuracy before/after, and write the "
                     "packed model (2-bit ternary codes, 4 per byte) to --out.")
     p.add_argument("checkpoint", help="checkpoint file from leantrain.train.fit(..., model_spec=...) / leantrain train")
@@ -36,7 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the data set recorded in the checkpoint by `leantrain train`)")
     p.add_argument("--calibration-batches", type=int, default=8, help="calibration batches of 128 (default 8)")
     p.add_argument("--keep", nargs="*", default=["first", "last"],
-                   help="layers kept FP32: first, last and/or module names (default: first last)")
+                   help="layers kept FP32: first, last (by data flow: the first/last layer executed and the layers "
+                        "reading the same input), role:embedding|attention|mlp|conv|head|other, module names or "
+                        "fnmatch patterns (default: first last)")
+    p.add_argument("--config", default=None,
+                   help="JSON file with a QuantConfig (leantrain.quant.QuantConfig.to_dict() form: weights, "
+                        "activations, keep, bn_recalibration); replaces the weight/activation/keep options")
     p.add_argument("--bn-recalibration", action="store_true",
                    help="re-estimate batch-norm statistics of the converted model on the calibration batches")
     p.add_argument("--scale-dtype", default="float32", choices=["float32", "float16"], help="weight scale dtype")
@@ -49,7 +59,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p, out=None)
     p.add_argument("--out", default="qmodel.lt", help="packed output file (default qmodel.lt)")
     declare_outputs(p, out="file")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_defaults={d: p.get_default(d) for d in _CONFIG_DESTS})
+
+
+# Options that --config replaces (an explicit one beside --config is an error, not silently ignored).
+_CONFIG_DESTS = ("weights", "grouping", "group_size", "remainder", "method", "act_bits", "act_method",
+                 "calibration_batches", "keep", "bn_recalibration", "scale_dtype")
+
+
+def _config(args: argparse.Namespace) -> QuantConfig:
+    """The QuantConfig of the command line: ``--config FILE`` or the individual options (one conversion either way)."""
+    import json
+
+    from leantrain.quant.config import QuantConfig
+
+    if args.config is not None:
+        clash = [f"--{d.replace('_', '-')}" for d in _CONFIG_DESTS if getattr(args, d) != args.config_defaults[d]]
+        if clash:
+            raise ValueError(f"--config replaces the weight/activation/keep options; do not also pass {', '.join(clash)}")
+        try:
+            raw = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"--config file {args.config!r} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--config file {args.config!r} is not valid JSON: {exc}") from None
+        try:
+            return QuantConfig.from_dict(raw)
+        except TypeError as exc:
+            raise ValueError(f"--config file {args.config!r}: {exc}") from None
+    grouping = args.grouping if args.grouping in ("channel", "tensor") else f"{args.grouping}:{args.group_size}"
+    if args.grouping in ("fgq", "cluster") and args.remainder == "partial":
+        grouping += ":partial"
+    return QuantConfig.from_kwargs(weights=args.weights, grouping=grouping, act_bits=args.act_bits or None,
+                                   keep=args.keep, act_method=args.act_method, method=args.method,
+                                   scale_dtype=args.scale_dtype, calibration_batches=args.calibration_batches,
+                                   bn_recalibration=args.bn_recalibration)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     check_positive("--finetune-lr", args.finetune_lr)
     if args.residual_budget is not None:
         check_range("--residual-budget", args.residual_budget, 0)
-    if args.residual_budget is not None and args.weights != "ternary":
-        raise ValueError("--residual-budget needs --weights ternary (residual edges are ternary)")
     torch.manual_seed(args.seed)
     spec = load_torch(args.checkpoint).get("model_spec")
     model = load_model(args.checkpoint).to(device).eval()
@@ -91,15 +133,12 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise ValueError(f"data set {args.calibration!r} (inputs {tuple(data.info.input_shape)}) does not fit the "
                          f"checkpoint's model {spec.get('name') if spec else '?'}: {str(exc).splitlines()[0]}") from None
-    grouping = args.grouping if args.grouping in ("channel", "tensor") else f"{args.grouping}:{args.group_size}"
-    if args.grouping in ("fgq", "cluster") and args.remainder == "partial":
-        grouping += ":partial"
+    config = _config(args)
+    if args.residual_budget is not None and config.weights.bits != 2:
+        raise ValueError("--residual-budget needs ternary weights (residual edges are ternary)")
     loss = torch.nn.functional.cross_entropy
     before = evaluate(model, loss, data.test, device=device)
-    qmodel = quantize_model(model, weights=args.weights, grouping=grouping, act_bits=args.act_bits or None,
-                            calibration=data.train, keep=args.keep, act_method=args.act_method, method=args.method,
-                            scale_dtype=getattr(torch, args.scale_dtype), calibration_batches=args.calibration_batches,
-                            model_spec=spec, device=device, bn_recalibration=args.bn_recalibration)
+    qmodel = quantize_model(model, config, calibration=data.train, model_spec=spec, device=device)
     after = {"converted": evaluate(qmodel, loss, data.test, device=device)}
     residual = None
     if args.residual_budget is not None:

@@ -31,7 +31,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from leantrain.quant.activations import ActQuantizer
+from leantrain.quant.attention import no_fused_fast_path
 from leantrain.quant.grouping import Grouping, GroupLayout
+from leantrain.quant.selection import is_hf_conv1d
 from leantrain.quant.weights import WeightCodes, dequantize, quantize_weights, ternary_expansion
 
 __all__ = ["QuantLayer", "MODES", "quantizable"]
@@ -41,7 +43,7 @@ MODES: tuple[str, ...] = ("fake", "integer", "float")
 
 def quantizable(module: nn.Module) -> str | None:
     """Why ``module`` cannot be converted (a reason string), or None when it can."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
         return None
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if module.groups != 1:
@@ -51,7 +53,12 @@ def quantizable(module: nn.Module) -> str | None:
         if isinstance(module.padding, str):
             return f"padding {module.padding!r}"
         return None
-    return f"{type(module).__name__} is not a Conv1d/Conv2d/Linear"
+    return f"{type(module).__name__} is not a Conv1d/Conv2d/Linear/transformers Conv1D"
+
+
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight as used by ``F.linear``/``F.conv``: transformers' ``Conv1D`` stores ``(in, out)``."""
+    return layer.weight.t() if is_hf_conv1d(layer) else layer.weight
 
 
 class QuantLayer(nn.Module):
@@ -69,7 +76,7 @@ class QuantLayer(nn.Module):
             if reason:
                 raise ValueError(f"cannot quantize this layer: {reason}")
             spec = self.layer_spec(layer)
-            self.weight: nn.Parameter | None = nn.Parameter(layer.weight.detach().clone())
+            self.weight: nn.Parameter | None = nn.Parameter(_matrix(layer).detach().clone())
             self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         elif spec is None:
             raise ValueError("QuantLayer needs a layer to convert or a spec to rebuild")
@@ -85,14 +92,16 @@ class QuantLayer(nn.Module):
         self._active = 1
         self._cache: tuple[int, torch.Tensor] | None = None
         self._codes_version = -1
+        # torch's fused transformer fast path reads linear.weight directly; a hook makes it run forward().
+        self.register_forward_pre_hook(no_fused_fast_path)
         if self.weight is not None:
             self.requantize(terms)
 
     @staticmethod
     def layer_spec(layer: nn.Module) -> dict[str, Any]:
         """The shape and hyper-parameters that rebuild ``layer``'s computation."""
-        if isinstance(layer, nn.Linear):
-            return {"kind": "linear", "shape": list(layer.weight.shape), "bias": layer.bias is not None}
+        if isinstance(layer, nn.Linear) or is_hf_conv1d(layer):
+            return {"kind": "linear", "shape": list(_matrix(layer).shape), "bias": layer.bias is not None}
         return {"kind": f"conv{layer.weight.dim() - 2}d", "shape": list(layer.weight.shape), "bias": layer.bias is not None,
                 "stride": list(layer.stride), "padding": list(layer.padding), "dilation": list(layer.dilation)}
 

@@ -13,27 +13,45 @@ FP32, activation scales) are stored as raw tensors listed in the header (name, d
 range; no pickle). The FP32 shadow weights are *not* stored: a loaded model runs and toggles its
 edges but cannot be fine-tuned.
 
-**File layout.** ``b"LTQUANT\\0"`` (8 bytes), format version (uint32 LE), header length H (uint64
-LE), H bytes of UTF-8 JSON (model spec, conversion config, per-layer description with byte ranges,
-payload length and CRC-32), then the payload. Loading checks the magic, version, header, payload
-length (truncation) and CRC (corruption), every byte range and every code, and raises ValueError
-naming the file and the problem. Files are written atomically (:func:`leantrain.storage.write_bytes`).
+**Any model.** The file stores the quantized state, not the architecture. A zoo model converted
+with ``model_spec=`` is rebuilt from the spec alone (``load_quantized(path)``). Any other model
+(Hugging Face, torchvision, your own) is rebuilt from an instance of its FP32 architecture, or a
+zero-argument builder returning one: ``load_quantized(path, model)``. The instance is deep-copied
+(left untouched), prepared exactly as at conversion (:mod:`leantrain.quant.attention`), every
+stored layer is checked against the module of the same name (kind, shape, bias, stride, padding,
+dilation) and swapped for its quantized form, and the remaining state is loaded strictly (a missing
+or unexpected entry is an error). Its own weights are irrelevant: every tensor comes from the file,
+so the result is bit-identical to the saved model.
+
+**File layout (format version 2).** ``b"LTQUANT\\0"`` (8 bytes), format version (uint32 LE),
+header length H (uint64 LE), H bytes of UTF-8 JSON (model spec or null, conversion config,
+per-layer description with byte ranges, payload length), the payload, and a 4-byte trailer: the
+CRC-32 (uint32 LE) of *everything before it* (preamble, header and payload). CRC-32 detects every
+single-bit error and every burst of up to 32 bits, so any flipped bit or byte anywhere in the file
+(header included: e.g. activation bits 8 -> 4) is reported. Loading checks the magic, the CRC, the
+version, the header, the payload length, every byte range and every code, and raises ValueError
+naming the file and the problem; it never unpickles. Files are written atomically
+(:func:`leantrain.storage.write_bytes`).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from leantrain.quant.activations import ActQuantizer
+from leantrain.quant.attention import prepare_for_quantization
 from leantrain.quant.convert import QuantizedModel, _set_submodule
 from leantrain.quant.layers import QuantLayer
 from leantrain.quant.weights import WeightCodes
@@ -42,8 +60,9 @@ from leantrain.storage import write_bytes
 __all__ = ["pack_codes", "unpack_codes", "save_quantized", "load_quantized", "MAGIC", "FORMAT_VERSION", "container_bits"]
 
 MAGIC = b"LTQUANT\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREAMBLE = struct.Struct("<8sIQ")
+_TRAILER = struct.Struct("<I")
 _SCALE_DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2")}
 
 
@@ -115,14 +134,21 @@ _STATE_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", 
 
 
 def _put_state(state: dict[str, torch.Tensor], put: Any) -> dict[str, Any]:
-    """Raw little-endian bytes of each tensor; the header keeps name, dtype, shape and byte range."""
+    """Raw little-endian bytes of each tensor; the header keeps name, dtype, shape and byte range.
+
+    Tied entries (one tensor under two names, e.g. a language model's input embedding and output
+    head) are stored once; both names point at the same byte range.
+    """
     meta = {}
+    stored: dict[tuple, list[int]] = {}
     for key, v in state.items():
         dtype = str(v.dtype).removeprefix("torch.")
         if dtype not in _STATE_DTYPES:
             raise ValueError(f"cannot store state entry {key!r} of dtype {dtype}")
-        data = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        meta[key] = {"dtype": dtype, "shape": list(v.shape), "range": put(data)}
+        ident = (v.device.type, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), dtype)
+        if ident not in stored or v.numel() == 0:
+            stored[ident] = put(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        meta[key] = {"dtype": dtype, "shape": list(v.shape), "range": stored[ident]}
     return meta
 
 
@@ -176,9 +202,6 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike, *, edges: st
         raise ValueError(f"edges must be 'budget' or 'all', got {edges!r}")
     if not isinstance(qmodel, QuantizedModel):
         raise TypeError(f"qmodel must be a QuantizedModel, got {type(qmodel).__name__}")
-    if not qmodel.model_spec:
-        raise ValueError("this QuantizedModel has no model_spec; convert with quantize_model(..., "
-                         "model_spec=leantrain.models.model_spec(name, **kwargs)) so the file can be rebuilt")
     payload = bytearray()
 
     def put(data: bytes) -> list[int]:
@@ -219,10 +242,11 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike, *, edges: st
         "model_spec": qmodel.model_spec, "config": qmodel.config, "layer_info": qmodel.layer_info,
         "edge_order": order, "budget_edges": min(qmodel.budget_edges, len(order)),
         "layers": layers_meta, "float_state": float_meta,
-        "payload_bytes": len(payload), "payload_crc32": zlib.crc32(bytes(payload)),
+        "payload_bytes": len(payload),
     }
     hbytes = json.dumps(header, sort_keys=True).encode("utf-8")
-    blob = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(hbytes)) + hbytes + bytes(payload)
+    body = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(hbytes)) + hbytes + bytes(payload)
+    blob = body + _TRAILER.pack(zlib.crc32(body))
     out = write_bytes(path, blob)
     return {"path": str(out), "bytes": len(blob), "fp32_state_bytes": fp32_state_bytes(qmodel),
             "terms": sum(keep_terms.values())}
@@ -235,42 +259,63 @@ def _slice(payload: bytes, rng: Any, what: str, path: Path) -> bytes:
     return payload[rng[0]:rng[0] + rng[1]]
 
 
-def load_quantized(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> QuantizedModel:
-    """Rebuild a :class:`QuantizedModel` written by :func:`save_quantized` (module docstring)."""
-    from leantrain.models import build
+def load_quantized(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *,
+                   map_location: str | torch.device = "cpu") -> QuantizedModel:
+    """Rebuild a :class:`QuantizedModel` written by :func:`save_quantized` (module docstring).
 
+    ``model``: an instance of the FP32 architecture the file was converted from (deep-copied, left
+    untouched; its weights are not used) or a zero-argument callable returning one. ``None``: the
+    file's zoo ``model_spec`` is built (files of non-zoo models need ``model``).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"quantized model file {str(path)!r} does not exist")
-    raw = path.read_bytes()
     bad = f"quantized model file {str(path)!r}"
-    if len(raw) < _PREAMBLE.size:
-        raise ValueError(f"{bad} is truncated: {len(raw)} bytes, shorter than the {_PREAMBLE.size}-byte preamble")
+    if not path.is_file():
+        raise ValueError(f"{bad} does not exist")
+    raw = path.read_bytes()
+    if len(raw) < _PREAMBLE.size + _TRAILER.size:
+        raise ValueError(f"{bad} is truncated: {len(raw)} bytes, shorter than the {_PREAMBLE.size}-byte preamble "
+                         f"and {_TRAILER.size}-byte trailer")
     magic, version, hlen = _PREAMBLE.unpack_from(raw)
     if magic != MAGIC:
         raise ValueError(f"{bad} is not a leantrain quantized model (bad magic bytes {magic!r})")
+    if version == 1:
+        raise ValueError(f"{bad} has format version 1 (header not checksummed), which this leantrain no longer reads; "
+                         "re-export it with save_quantized")
+    body, (crc,) = raw[:-_TRAILER.size], _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
+    if zlib.crc32(body) != crc:
+        if _PREAMBLE.size + hlen + _TRAILER.size > len(raw):
+            raise ValueError(f"{bad} is truncated or corrupt: header of {hlen} bytes does not fit in {len(raw)} bytes "
+                             "(CRC-32 mismatch)")
+        raise ValueError(f"{bad} is corrupt: CRC-32 mismatch (the file was truncated, extended or altered)")
     if version != FORMAT_VERSION:
         raise ValueError(f"{bad} has format version {version}; this leantrain reads version {FORMAT_VERSION}")
-    if _PREAMBLE.size + hlen > len(raw):
-        raise ValueError(f"{bad} is truncated: header of {hlen} bytes does not fit in {len(raw)} bytes")
+    if _PREAMBLE.size + hlen > len(body):
+        raise ValueError(f"{bad} is malformed: header of {hlen} bytes does not fit in {len(raw)} bytes")
     try:
-        header = json.loads(raw[_PREAMBLE.size:_PREAMBLE.size + hlen].decode("utf-8"))
-        payload_len, crc = int(header["payload_bytes"]), int(header["payload_crc32"])
+        header = json.loads(body[_PREAMBLE.size:_PREAMBLE.size + hlen].decode("utf-8"))
+        payload_len = int(header["payload_bytes"])
         layers_meta, spec = header["layers"], header["model_spec"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{bad} is malformed: unreadable header ({exc})") from None
-    payload = raw[_PREAMBLE.size + hlen:]
-    if len(payload) < payload_len:
-        raise ValueError(f"{bad} is truncated: payload has {len(payload)} of {payload_len} bytes")
-    if len(payload) > payload_len:
-        raise ValueError(f"{bad} is malformed: {len(payload) - payload_len} unexpected bytes after the payload")
-    if zlib.crc32(payload) != crc:
-        raise ValueError(f"{bad} is corrupt: payload CRC-32 mismatch")
-    try:
-        net = build(spec["name"], **spec.get("kwargs", {}))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"{bad} has an unusable model_spec {spec!r}: {exc}") from None
+    payload = body[_PREAMBLE.size + hlen:]
+    if len(payload) != payload_len:
+        raise ValueError(f"{bad} is malformed: payload has {len(payload)} bytes, the header says {payload_len}")
+    net = _skeleton(model, spec, bad)
+    prepare_for_quantization(net)
     for name, meta in layers_meta.items():
+        try:
+            target = net.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{bad} does not match the model: it has no module {name!r}") from None
+        try:
+            if QuantLayer.layer_spec(target) != meta["spec"]:
+                raise ValueError(f"{bad} does not match the model: layer {name!r} is {QuantLayer.layer_spec(target)} "
+                                 f"in the model and {meta['spec']} in the file")
+        except AttributeError:
+            raise ValueError(f"{bad} does not match the model: {name!r} is a {type(target).__name__}, "
+                             "not a linear or convolution layer") from None
+        except (KeyError, TypeError):
+            raise ValueError(f"{bad} is malformed: layer {name!r} has no valid spec") from None
         try:
             dtype = _SCALE_DTYPES[meta["scale_dtype"]]
             act = None if meta["act"] is None else ActQuantizer(meta["act"]["bits"], method=meta["act"]["method"],
@@ -292,11 +337,36 @@ def load_quantized(path: str | os.PathLike, *, map_location: str | torch.device 
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise ValueError(f"{bad} is malformed: layer {name!r}: {exc}") from None
     state = _get_state(header.get("float_state"), payload, path)
-    result = net.load_state_dict(state, strict=False)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{bad} does not match the model: {str(exc).splitlines()[0]}") from None
     missing = [k for k in result.missing_keys if not _is_term_key(k)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{bad} does not match its model_spec: missing {missing}, unexpected {result.unexpected_keys}")
+        raise ValueError(f"{bad} does not match the model: missing {missing}, unexpected {result.unexpected_keys}")
     qmodel = QuantizedModel(net, header.get("config", {}), model_spec=spec, layer_info=header.get("layer_info", {}))
     qmodel.edge_order = [(str(n), int(t)) for n, t in header.get("edge_order", [])]
     qmodel.budget_edges = int(header.get("budget_edges", 0))
     return qmodel.to(map_location).eval()
+
+
+def _skeleton(model: Any, spec: Any, bad: str) -> nn.Module:
+    """The FP32 architecture to load into: a copy of ``model``, ``model()``, or the zoo ``spec``."""
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model).cpu().eval()
+    if model is not None:
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a callable returning one, got {type(model).__name__}")
+        net = model()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"the model builder returned {type(net).__name__}, not an nn.Module")
+        return net.cpu().eval()
+    if not spec:
+        raise ValueError(f"{bad} holds a model outside leantrain's zoo (no model_spec): pass its architecture, "
+                         "load_quantized(path, model) with an instance of the FP32 model or a function building one")
+    from leantrain.models import build
+
+    try:
+        return build(spec["name"], **spec.get("kwargs", {}))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{bad} has an unusable model_spec {spec!r}: {exc}") from None

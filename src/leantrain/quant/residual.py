@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from leantrain.quant.convert import QuantizedModel, calibration_inputs
+from leantrain.quant.convert import Batch, QuantizedModel, calibration_batches
 from leantrain.quant.layers import QuantLayer
 
 __all__ = ["add_residual_edges", "perturbation_sensitivity", "edge_costs", "edges_within", "SENSITIVITIES", "BUDGET_UNITS"]
@@ -50,10 +50,13 @@ def _weight_error(layer: QuantLayer, terms: int) -> torch.Tensor:
     return layer.weight.detach() - layer.weight_hat(terms)
 
 
-def perturbation_sensitivity(qmodel: QuantizedModel, inputs: torch.Tensor, *, max_terms: int) -> dict[str, list[float]]:
+def perturbation_sensitivity(qmodel: QuantizedModel, inputs: Any, *, max_terms: int) -> dict[str, list[float]]:
     """``s_l(t)`` for t = 1..max_terms of every quantized layer (module docstring).
 
-    Layers need their FP32 shadow weights and at least ``max_terms`` stored terms.
+    ``inputs``: one calibration batch (a tensor, a mapping of keyword inputs or a :class:`Batch`);
+    ``z`` is the model's output, or its first tensor when it returns a tuple or a ``ModelOutput``
+    (the logits of a classifier or language model). Layers need their FP32 shadow weights and at
+    least ``max_terms`` stored terms.
     """
     layers = qmodel.quant_layers()
     modes = {n: layer.mode for n, layer in layers.items()}
@@ -61,7 +64,7 @@ def perturbation_sensitivity(qmodel: QuantizedModel, inputs: torch.Tensor, *, ma
     qmodel.eval()
     qmodel.set_mode("float")  # J_l is taken at the FP32 network
     net = qmodel.model
-    x = inputs.to(next(net.parameters()).device)
+    batch = calibration_batches(inputs, batches=1)[0].to(next(net.parameters()).device)
     out: dict[str, list[float]] = {}
     try:
         missing = [n for n, layer in layers.items() if layer.weight is None]
@@ -71,20 +74,30 @@ def perturbation_sensitivity(qmodel: QuantizedModel, inputs: torch.Tensor, *, ma
         with torch.enable_grad():
             # J delta without forming J: g(v) = J^T v is linear in v, so d<g(v), delta>/dv = J delta
             # (the double-backward form of a Jacobian-vector product; one forward for all layers).
-            z = net(x)
+            z = _first_tensor(batch(net))
             v = torch.zeros_like(z, requires_grad=True)
             grads = torch.autograd.grad(z, weights, v, create_graph=True)
             for (name, layer), g in zip(layers.items(), grads):
                 scores = []
                 for t in range(1, max_terms + 1):
                     (dz,) = torch.autograd.grad(g, v, _weight_error(layer, t), retain_graph=True)
-                    scores.append(float(dz.detach().double().square().sum() / len(x)))
+                    scores.append(float(dz.detach().double().square().sum() / batch.batch_size))
                 out[name] = scores
     finally:
         for n, layer in layers.items():
             layer.mode = modes[n]
         qmodel.train(was_training)
     return out
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for v in items:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"the model's output ({type(out).__name__}) holds no tensor to measure sensitivity on")
 
 
 def edge_costs(qmodel: QuantizedModel, unit: str = "size") -> tuple[dict[str, float], float]:
@@ -147,7 +160,8 @@ def add_residual_edges(qmodel: QuantizedModel, *, budget: float, sensitivity: st
     scores: dict[str, list[float]] = {}
     order: list[tuple[str, int]] = []
     if sensitivity == "perturbation":
-        sample = qmodel.calibration_sample if calibration is None else calibration_inputs(calibration, batches=1)[0]
+        sample: Batch | None = qmodel.calibration_sample if calibration is None else \
+            calibration_batches(calibration, batches=1)[0]
         if sample is None:
             raise ValueError("no calibration sample: pass calibration= (a batch of inputs)")
         scores = perturbation_sensitivity(qmodel, sample, max_terms=max_terms)
