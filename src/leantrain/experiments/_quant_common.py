@@ -3,14 +3,13 @@
 ``fgq-group-size``, ``cluster-ternary`` and ``ternary-residual`` all start from the same trained
 FP32 networks (as the papers start from pretrained ImageNet models). :func:`pretrained` trains a
 model on first use and caches its weights atomically under ``leantrain.data.bundled.cache_dir()``
-(``quant-pretrained/<key>.pt``, keyed by every setting that changes the result), so the three
-experiments, and later runs, share one training run.
+(``quant-pretrained/<name>-<key>.pt``, keyed by :func:`leantrain.provenance.run_key` of every
+setting that changes the result and of the source of the code that trains it, :data:`CODE_MODULES`),
+so the three experiments, and later runs, share one training run, and a code change retrains.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,15 @@ from torch import nn
 from leantrain.data import Split, load_dataset
 from leantrain.data.bundled import cache_dir
 from leantrain.models import build, model_spec
+from leantrain.provenance import run_key
 from leantrain.storage import load_torch, save_torch
 from leantrain.train import evaluate, fit
 
-__all__ = ["Pretrained", "pretrained", "SETUPS", "measure", "weight_error", "spearman"]
+__all__ = ["Pretrained", "pretrained", "SETUPS", "measure", "weight_error", "spearman", "CODE_MODULES"]
 
-_VERSION = 1
+#: The code a pretrained model depends on: its source is part of the cache key.
+CODE_MODULES = ("leantrain.data", "leantrain.models", "leantrain.train", "leantrain.storage",
+                "leantrain.experiments._quant_common")
 
 # Per profile: model, data set, training recipe. The synthetic images are made harder (pixel noise 2.5,
 # 16x16) than the defaults so that FP32 is not at 100% and quantization losses are visible.
@@ -60,9 +62,8 @@ class Pretrained:
     cached: bool
 
 
-def _key(name: str, setup: dict[str, Any], seed: int) -> str:
-    blob = json.dumps({"name": name, "setup": setup, "seed": seed, "v": _VERSION}, sort_keys=True)
-    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+def _key(name: str, setup: dict[str, Any], seed: int, device: str) -> str:
+    return f"{name}-{run_key({'name': name, 'setup': setup, 'seed': seed, 'device': device}, CODE_MODULES)}"
 
 
 def pretrained(name: str, profile: str, *, seed: int = 0, device: str = "cpu", cache: Path | None = None) -> Pretrained:
@@ -72,7 +73,7 @@ def pretrained(name: str, profile: str, *, seed: int = 0, device: str = "cpu", c
     setup = SETUPS[name][profile]
     data = load_dataset(setup["data"], **setup["data_kwargs"])
     spec = model_spec(setup["model"], **setup["model_kwargs"])
-    path = (cache or cache_dir() / "quant-pretrained") / f"{_key(name, setup, seed)}.pt"
+    path = (cache or cache_dir() / "quant-pretrained") / f"{_key(name, setup, seed, str(device))}.pt"
     model = build(spec["name"], **spec["kwargs"])
     if path.is_file():
         try:

@@ -25,12 +25,15 @@ from leantrain.data import load_dataset
 from leantrain.experiments._precision_training import parity
 from leantrain.models import Discriminator, Generator, LeNet
 from leantrain.plots import curves, plt, save_figure
-from leantrain.precision import PrecisionHooks, Recorder
+from leantrain.precision import PrecisionHooks, Recorder, get_policy
+from leantrain.provenance import run_key, tensor_digest
 from leantrain.registry import Claim, Result, Table, experiment
 from leantrain.storage import load_torch, save_torch
 from leantrain.train import fit
 
 BCE = nn.functional.binary_cross_entropy_with_logits
+_CODE_MODULES = ("leantrain.numerics", "leantrain.precision", "leantrain.train", "leantrain.models",
+                 "leantrain.storage", "leantrain.experiments.bf16_gan")
 
 
 def _setting(profile: str) -> dict:
@@ -83,10 +86,13 @@ def score(gen: nn.Module, clf: nn.Module, n: int, seed: int, device: str) -> dic
 
 def train_gan(policy: str, seed: int, cfg: dict, real: torch.Tensor, out: Path, device: str) -> dict:
     """Train G and D under ``policy`` (checkpointed every eval, resumable); returns scores and losses."""
-    ckpt = out / "runs" / f"gan-{policy}-s{seed}-{cfg['steps']}.pt"
     torch.manual_seed(seed)
     gen = Generator(latent_dim=cfg["latent"], data_shape=(1, 8, 8), width=cfg["width"]).to(device)
     disc = Discriminator(data_shape=(1, 8, 8), width=cfg["width"]).to(device)
+    # The checkpoint is valid only for this configuration and this code (see leantrain.provenance).
+    key = run_key({"cfg": cfg, "policy": repr(get_policy(policy)), "seed": seed, "device": device, "gen": repr(gen),
+                   "disc": repr(disc), "real": tensor_digest([real])}, _CODE_MODULES)
+    ckpt = out / "runs" / f"gan-{policy}-s{seed}-{cfg['steps']}-{key}.pt"
     og = torch.optim.Adam(gen.parameters(), lr=cfg["lr"], betas=(0.5, 0.999))
     od = torch.optim.Adam(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.999))
     rec = Recorder(every=10)
