@@ -24,7 +24,7 @@ from leantrain.provenance import run_key
 from leantrain.storage import load_torch, save_torch
 from leantrain.train import evaluate, fit
 
-__all__ = ["Pretrained", "pretrained", "SETUPS", "measure", "weight_error", "spearman", "CODE_MODULES"]
+__all__ = ["Pretrained", "pretrained", "SETUPS", "measure", "weight_error", "spearman", "bn_input_shift", "CODE_MODULES"]
 
 #: The code a pretrained model depends on: its source is part of the cache key.
 CODE_MODULES = ("leantrain.data", "leantrain.models", "leantrain.train", "leantrain.storage",
@@ -60,6 +60,14 @@ class Pretrained:
     fp32: dict[str, float]
     setup: dict[str, Any]
     cached: bool
+    seed: int = 0
+    logits_cache: torch.Tensor | None = None
+
+    def reference_logits(self, device: str = "cpu") -> torch.Tensor:
+        """The FP32 model's test-set logits (computed once)."""
+        if self.logits_cache is None:
+            self.logits_cache = _logits(self.model, self.data.test, device)
+        return self.logits_cache
 
 
 def _key(name: str, setup: dict[str, Any], seed: int, device: str) -> str:
@@ -79,7 +87,7 @@ def pretrained(name: str, profile: str, *, seed: int = 0, device: str = "cpu", c
         try:
             state = load_torch(path)
             model.load_state_dict(state["model"])
-            return Pretrained(model.to(device).eval(), data, spec, state["fp32"], setup, True)
+            return Pretrained(model.to(device).eval(), data, spec, state["fp32"], setup, True, seed)
         except (ValueError, KeyError, RuntimeError):
             pass  # unreadable or stale cache entry: retrain and overwrite
     torch.manual_seed(seed)
@@ -92,7 +100,7 @@ def pretrained(name: str, profile: str, *, seed: int = 0, device: str = "cpu", c
     model.eval()
     fp32 = evaluate(model, nn.functional.cross_entropy, data.test, device=device)
     save_torch(path, {"model": model.state_dict(), "model_spec": spec, "fp32": fp32, "setup": setup})
-    return Pretrained(model, data, spec, fp32, setup, False)
+    return Pretrained(model, data, spec, fp32, setup, False, seed)
 
 
 def weight_error(qmodel: Any) -> float:
@@ -105,13 +113,64 @@ def weight_error(qmodel: Any) -> float:
     return (num / den) ** 0.5 if den else 0.0
 
 
+@torch.no_grad()
+def _logits(model: nn.Module, data: Any, device: str, batch_size: int = 512) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    x = data.tensors[0]
+    out = torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    model.train(was)
+    return out
+
+
 def measure(qmodel: Any, pre: Pretrained, device: str = "cpu") -> dict[str, float]:
-    """Test accuracy/loss, multiplications replaced, weight memory and weight error of a converted model."""
+    """Test accuracy/loss, damage to the FP32 outputs, multiplications replaced, weight memory and error.
+
+    Damage to the outputs, on the whole test set against the FP32 model's logits ``z`` (``z_hat``: the
+    converted model's): ``kl_to_fp32 = mean_x KL(softmax(z) || softmax(z_hat))`` (nats) and
+    ``output_mse = mean_x mean_k (z_hat - z)^2``. Unlike accuracy or test loss, which move with the few
+    test samples near a decision boundary, these see every sample's every output, so small differences
+    between conversions are measured rather than drowned in test-set noise.
+    """
     res = evaluate(qmodel, nn.functional.cross_entropy, pre.data.test, device=device)
+    ref = pre.reference_logits(device)
+    out = _logits(qmodel, pre.data.test, device)
+    kl = (torch.log_softmax(ref.double(), 1).exp() * (torch.log_softmax(ref.double(), 1)
+                                                       - torch.log_softmax(out.double(), 1))).sum(1).mean()
     s = qmodel.summary()
     return {"accuracy": res["accuracy"], "loss": res["loss"], "drop_points": 100 * (pre.fp32["accuracy"] - res["accuracy"]),
+            "kl_to_fp32": float(kl), "output_mse": float((out.double() - ref.double()).square().mean()),
             "mults_replaced": s["mults_replaced"], "mults_replaced_quantized_layers": s["mults_replaced_quantized_layers"],
             "mem_quant_bytes": s["mem_quant_bytes"], "mem_fp32_bytes": s["mem_fp32_bytes"], "weight_error": weight_error(qmodel)}
+
+
+@torch.no_grad()
+def bn_input_shift(qmodel: nn.Module, pre: Pretrained, device: str = "cpu") -> float:
+    """How far the converted network's batch-norm inputs moved from the statistics its batch norms use.
+
+    For every BatchNorm layer: ``|mean_x(input_c) - running_mean_c| / sqrt(running_var_c + eps)`` per channel
+    ``c`` over the test set, averaged over channels and layers. Near 0 for the FP32 model; large when a
+    conversion shifts the channels' means away from the (FP32) running statistics that normalize them, which is
+    what makes a plain conversion of a narrow batch-norm network collapse.
+    """
+    sums: dict[nn.Module, list] = {}
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        x = inp[0].detach().double().transpose(0, 1).reshape(inp[0].shape[1], -1)
+        acc = sums.setdefault(mod, [0.0, 0])
+        acc[0] = acc[0] + x.sum(1)
+        acc[1] += x.shape[1]
+
+    bns = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    try:
+        _logits(qmodel, pre.data.test, device)
+    finally:
+        for h in handles:
+            h.remove()
+    shifts = [float(((total / n - m.running_mean.double()).abs() / (m.running_var.double() + m.eps).sqrt()).mean())
+              for m, (total, n) in ((m, sums[m]) for m in bns if m in sums)]
+    return sum(shifts) / len(shifts) if shifts else 0.0
 
 
 def spearman(x: list[float], y: list[float]) -> float:
