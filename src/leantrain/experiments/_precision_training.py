@@ -32,7 +32,7 @@ from leantrain.precision.policy import Policy
 from leantrain.provenance import run_key, tensor_digest
 from leantrain.train import History, accuracy_metric, fit
 
-__all__ = ["RunResult", "train_run", "run_config", "parity", "Parity", "underflow_table", "mean_curve_plot",
+__all__ = ["RunResult", "train_run", "run_config", "parity", "Parity", "paired_values", "underflow_table", "mean_curve_plot",
            "CODE_MODULES"]
 
 #: The code a precision run depends on: its source is part of the checkpoint's key.
@@ -148,6 +148,13 @@ def parity(fp32: Sequence[float], values: Sequence[float]) -> Parity:
     tol = float(stats.t.ppf(0.975, n - 1)) * s32 * math.sqrt(1 / n + 1 / k)
     delta = m - m32
     return Parity(m32, s32, m, delta, tol, bool(abs(delta) <= tol and math.isfinite(m)), n, k)
+
+
+def paired_values(values: dict[str, Sequence[float]], policy: str, reference: str = "fp32") -> dict[str, list[float]]:
+    """A claim's per-seed values: ``reference``'s and ``policy``'s per seed and their paired differences (over
+    the seeds both have; the runs of a seed share initialization and data order)."""
+    ref, pol = list(values[reference]), list(values[policy])
+    return {reference: ref, policy: pol, f"{policy} - {reference}": [b - a for a, b in zip(ref, pol)]}
 
 
 def underflow_table(runs: dict[str, RunResult], tensor: str = "dy") -> list[list[Any]]:

@@ -10,7 +10,8 @@ so the three experiments, and later runs, share one training run, and a code cha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +62,22 @@ class Pretrained:
     setup: dict[str, Any]
     cached: bool
     seed: int = 0
-    logits_cache: torch.Tensor | None = None
+    logits_cache: dict[bool, torch.Tensor] = field(default_factory=dict)
 
-    def reference_logits(self, device: str = "cpu") -> torch.Tensor:
-        """The FP32 model's test-set logits (computed once)."""
-        if self.logits_cache is None:
-            self.logits_cache = _logits(self.model, self.data.test, device)
-        return self.logits_cache
+    def reference_logits(self, device: str = "cpu", *, bn_recalibrated: bool = False) -> torch.Tensor:
+        """The FP32 model's test-set logits (computed once); with ``bn_recalibrated`` those of an FP32 copy whose
+        batch-norm statistics were re-estimated on the calibration batches exactly as
+        ``quantize_model(..., calibration=data.train, bn_recalibration=True)`` does, so that a comparison with a
+        re-estimated conversion measures the quantization and not the re-estimation."""
+        if bn_recalibrated not in self.logits_cache:
+            model = self.model
+            if bn_recalibrated:
+                from leantrain.quant.convert import calibration_inputs, recalibrate_batchnorm
+
+                model = copy.deepcopy(self.model).to(device)
+                recalibrate_batchnorm(model, calibration_inputs(self.data.train), device=device)
+            self.logits_cache[bn_recalibrated] = _logits(model, self.data.test, device)
+        return self.logits_cache[bn_recalibrated]
 
 
 def _key(name: str, setup: dict[str, Any], seed: int, device: str) -> str:
@@ -128,12 +138,14 @@ def measure(qmodel: Any, pre: Pretrained, device: str = "cpu") -> dict[str, floa
 
     Damage to the outputs, on the whole test set against the FP32 model's logits ``z`` (``z_hat``: the
     converted model's): ``kl_to_fp32 = mean_x KL(softmax(z) || softmax(z_hat))`` (nats) and
-    ``output_mse = mean_x mean_k (z_hat - z)^2``. Unlike accuracy or test loss, which move with the few
+    ``output_mse = mean_x mean_k (z_hat - z)^2``. For a conversion with re-estimated batch-norm statistics
+    ``z`` are the logits of the FP32 model with its statistics re-estimated the same way (the damage of
+    quantizing, not of re-estimating). Unlike accuracy or test loss, which move with the few
     test samples near a decision boundary, these see every sample's every output, so small differences
     between conversions are measured rather than drowned in test-set noise.
     """
     res = evaluate(qmodel, nn.functional.cross_entropy, pre.data.test, device=device)
-    ref = pre.reference_logits(device)
+    ref = pre.reference_logits(device, bn_recalibrated=bool(getattr(qmodel, "config", {}).get("bn_recalibration")))
     out = _logits(qmodel, pre.data.test, device)
     kl = (torch.log_softmax(ref.double(), 1).exp() * (torch.log_softmax(ref.double(), 1)
                                                        - torch.log_softmax(out.double(), 1))).sum(1).mean()

@@ -133,4 +133,11 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     )
     metrics = {"fp32": pre.fp32, "8-8": m88, "8-2": m82, "sensitivity": sens, "random": rand, "edge_order": info["edge_order"],
                "scores": info["scores"], "best": best, "gap_closed": closed, "mults_ratio_vs_8_8": mult_ratio}
-    return Result(metrics, claims=claims, plots=["accuracy_vs_size.png", "accuracy_vs_mults.png"], tables=tables, notes=notes)
+    setting = {"data": ("ImageNet", f"{pre.setup['data']} {pre.setup['data_kwargs']}"),
+               "model": ("ResNet-101, pretrained", f"{pre.spec['name']} {pre.spec['kwargs']}, FP32 {pre.setup['epochs']} "
+                         "epochs"),
+               "group size": ("64 (most plausible, derived)", "64"),
+               "retraining": ("none", "none"),
+               "seeds": ("one pretrained model", f"FP32 model seed {seed}; {n_random} random orders")}
+    return Result(metrics, claims=claims, plots=["accuracy_vs_size.png", "accuracy_vs_mults.png"], tables=tables,
+                  notes=notes, setting=setting)
