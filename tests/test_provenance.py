@@ -183,3 +183,36 @@ def test_report_shows_per_seed_values_and_paper_setting(tmp_path):
     old["claims"] = [{k: v for k, v in c.items() if k not in ("per_seed", "seeds")} for c in rec["claims"]]
     md_old = render_markdown([old])
     assert "per seed" not in md_old and "The paper's setting" not in md_old
+
+
+def test_large_batch_saved_run_is_not_reused_after_config_or_code_change(tmp_path, monkeypatch):
+    from leantrain.data import load_dataset
+    from leantrain.experiments import large_batch as lb
+
+    data = load_dataset("mnist1d")
+    cfg = lb.Config(seeds=1, warm_epochs=1, contenders=("SB",), target_loss=2.0, milestones=(2.0,),
+                    max_epochs=(2, 2), small_batch=256, hidden=(8,), iters=1, subspace=4)
+    torch.manual_seed(0)
+    init = {k: v.clone() for k, v in lb._model(cfg, 40, 10).state_dict().items()}
+    x0 = torch.cat([v.reshape(-1) for v in init.values()])
+    trained = []
+    real = lb._train
+
+    def counting(*args, **kwargs):
+        trained.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lb, "_train", counting)
+    _, rec = lb._trained("SB", 0, init, x0, data, cfg, 4096, tmp_path, "cpu")
+    _, again = lb._trained("SB", 0, init, x0, data, cfg, 4096, tmp_path, "cpu")
+    assert len(trained) == 1 and again["run_key"] == rec["run_key"]  # same config and code: reused
+    other = lb.Config(**{**cfg.__dict__, "lr": 2e-3})
+    _, rec2 = lb._trained("SB", 0, init, x0, data, other, 4096, tmp_path, "cpu")
+    assert len(trained) == 2 and rec2["run_key"] != rec["run_key"]  # changed configuration: retrained
+    pkg = _fake_package(tmp_path / "src", monkeypatch)
+    monkeypatch.setattr(lb, "CODE_MODULES", (*lb.CODE_MODULES, "zz_fake_dep"))
+    _, rec3 = lb._trained("SB", 0, init, x0, data, cfg, 4096, tmp_path, "cpu")
+    (pkg / "__init__.py").write_text("X = 'edited'\n")
+    provenance._digest.cache_clear()
+    _, rec4 = lb._trained("SB", 0, init, x0, data, cfg, 4096, tmp_path, "cpu")
+    assert len(trained) == 4 and len({rec["run_key"], rec3["run_key"], rec4["run_key"]}) == 3  # changed code: retrained
