@@ -216,19 +216,28 @@ def _plot_scatter(records: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 def _plot_trajectory(records: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = {"SB": "tab:blue", "LB": "tab:red", "LB warm-started": "tab:green", "progressive": "tab:purple"}
+    plotted = False
     for name, recs in records.items():
         for k, r in enumerate(recs):
             t = r["trajectory"]
-            ax.plot([m["train_loss"] for m in t], [m["sharpness_full_0.001"] for m in t], "o-",
+            if not t:
+                continue
+            # A sharpness of exactly 0 (no increase found in the box) is drawn at the floor 1e-12.
+            ax.plot([m["train_loss"] for m in t], [max(m["sharpness_full_0.001"], 1e-12) for m in t], "o-",
                     color=colors.get(name), alpha=0.8, label=name if k == 0 else None)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.invert_xaxis()
+            plotted = True
+    if plotted:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.invert_xaxis()
+    else:
+        ax.text(0.5, 0.5, "no run reached a milestone", ha="center", transform=ax.transAxes)
     ax.set_xlabel("training loss when measured (log; training runs left to right)")
     ax.set_ylabel("sharpness, full space, eps 1e-3 (log)")
     ax.set_title("Sharpness against training loss (paper's Figure 6), one line per seed")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
