@@ -107,13 +107,20 @@ def test_experiment_runs_end_to_end_on_a_tiny_profile(tmp_path, monkeypatch):
     from leantrain.experiments import large_batch
 
     monkeypatch.setitem(large_batch.PROFILES, "quick",
-                        large_batch.Config(epochs=2, seeds=2, warm_epochs=1, hidden=(8,), subspace=5, iters=2))
+                        large_batch.Config(seeds=2, warm_epochs=1, contenders=large_batch.CONTENDERS, target_loss=1.0,
+                                           milestones=(2.0, 1.0), max_epochs=(3, 3), small_batch=256, batch_ratio=4,
+                                           hidden=(8,), subspace=5, iters=2, progressive_epochs=2))
     from leantrain.registry import experiments, load_all
 
     load_all()
     res = experiments()["large-batch-sharpness"]("quick", tmp_path)
     assert (tmp_path / "interpolation.png").is_file() and (tmp_path / "sharpness_vs_accuracy.png").is_file()
-    assert len(res.claims) == 6 and all(isinstance(c.passed, bool) for c in res.claims)
+    assert (tmp_path / "sharpness_vs_training_loss.png").is_file()
+    assert len(res.claims) == 7 and all(isinstance(c.passed, bool) for c in res.claims)
+    for recs in res.metrics["runs"].values():  # the criterion is met or the epoch cap stops the run
+        for r in recs:
+            assert r["reached_criterion"] == (r["train_loss"] <= 1.0) and (r["reached_criterion"] or r["epochs"] == 3)
+    assert set(res.setting) >= {"data", "model", "batch", "epochs"}
     assert set(res.metrics["runs"]) == set(large_batch.CONTENDERS)
     assert len(res.metrics["interpolation"]["alphas"]) == 25
     # a second run into the same folder reuses the saved runs and gives the same records

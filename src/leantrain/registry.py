@@ -41,6 +41,10 @@ class Claim:
     unconfirmed (only unmarked numbers from the notes are shown as the paper's). ``ours`` is what
     this run measured; ``tolerance`` says in words what counts as agreement and why;
     ``passed`` is the verdict.
+
+    ``per_seed`` (optional) maps a label (an arm, or the paired quantity the verdict uses, e.g.
+    ``"LB/SB"``) to that quantity's value for each seed, in the experiment's seed order, so the report
+    shows the seeds and not only their mean. ``seeds`` (optional) names those seeds.
     """
 
     text: str
@@ -48,6 +52,15 @@ class Claim:
     ours: str
     tolerance: str
     passed: bool
+    per_seed: dict[str, list[float]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for label, values in self.per_seed.items():
+            if not isinstance(values, (list, tuple)):
+                raise TypeError(f"per_seed[{label!r}] must be a list of per-seed values, got {type(values).__name__}")
+            if self.seeds and len(values) != len(self.seeds):
+                raise ValueError(f"per_seed[{label!r}] has {len(values)} values for {len(self.seeds)} seeds")
 
 
 @dataclass
@@ -65,7 +78,10 @@ class Result:
 
     ``metrics`` is free-form JSON-able data; ``plots`` are PNG file names relative to the
     experiment's output folder; ``claims`` are the checked claims; ``tables`` show the comparison
-    with the paper; ``notes`` is Markdown shown under the experiment in the report.
+    with the paper; ``notes`` is Markdown shown under the experiment in the report. ``setting``
+    (optional) puts the paper's setting beside ours: aspect (``"data"``, ``"model"``, ``"batch"``,
+    ``"epochs"``, ...) -> ``(paper's, ours)``, shown as a table so that a reader sees how far the
+    small-scale form is from the paper's.
     """
 
     metrics: dict[str, Any]
@@ -73,6 +89,7 @@ class Result:
     plots: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     notes: str = ""
+    setting: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:

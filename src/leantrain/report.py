@@ -19,8 +19,8 @@ from typing import Any
 
 from leantrain.storage import remove_stale_temporaries, write_text
 
-__all__ = ["read_records", "write_report", "render_markdown", "render_html", "render_claims_table", "render_docs_index",
-           "update_readme", "CLAIMS_MARKERS", "DOCS_MARKERS"]
+__all__ = ["read_records", "per_seed_text", "SETTING_TITLE", "write_report", "render_markdown",
+           "render_html", "render_claims_table", "render_docs_index", "update_readme", "CLAIMS_MARKERS", "DOCS_MARKERS"]
 
 
 def read_records(out: str | Path) -> list[dict[str, Any]]:
@@ -66,6 +66,34 @@ def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def per_seed_text(claim: dict[str, Any]) -> str:
+    """A claim's per-seed values as text, ``"label: v1, v2, v3; ..."`` (empty when it has none)."""
+    per = claim.get("per_seed") or {}
+    if not per:
+        return ""
+    seeds = claim.get("seeds") or []
+    head = f"seeds {', '.join(map(str, seeds))}: " if seeds else ""
+    return head + "; ".join(f"{label}: {', '.join(_cell(float(v)) if isinstance(v, (int, float)) else str(v) for v in vals)}"
+                            for label, vals in per.items())
+
+
+def _claim_rows(r: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of an experiment's claims table; the per-seed column only when a claim has seeds."""
+    claims = r.get("claims", [])
+    with_seeds = any(c.get("per_seed") for c in claims)
+    headers = ["claim", "paper", "ours"] + (["per seed"] if with_seeds else []) + ["tolerance", "pass"]
+    rows = [[c["text"], c["paper"], c["ours"]] + ([per_seed_text(c)] if with_seeds else [])
+            + [c["tolerance"], "yes" if c["passed"] else "NO"] for c in claims]
+    return headers, rows
+
+
+def _setting_rows(r: dict[str, Any]) -> list[list[Any]]:
+    return [[aspect, *pair] for aspect, pair in (r.get("setting") or {}).items()]
+
+
+SETTING_TITLE = "The paper's setting beside ours"
+
+
 def render_markdown(records: list[dict[str, Any]]) -> str:
     """The Markdown report of ``records``."""
     parts = ["# leantrain reproduction report", ""]
@@ -86,10 +114,10 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
         if r.get("status") != "complete":
             parts += ["", "```", str(r.get("error", "")).strip(), "```"]
             continue
+        if r.get("setting"):
+            parts += ["", f"**{SETTING_TITLE}**", "", _md_table(["", "paper", "ours"], _setting_rows(r))]
         if r.get("claims"):
-            parts += ["", _md_table(["claim", "paper", "ours", "tolerance", "pass"],
-                                    [[c["text"], c["paper"], c["ours"], c["tolerance"],
-                                      "yes" if c["passed"] else "NO"] for c in r["claims"]])]
+            parts += ["", _md_table(*_claim_rows(r))]
         for t in r.get("tables", []):
             parts += ["", f"**{t['title']}**", "", _md_table(t["headers"], t["rows"])]
         for p in r.get("plots", []):
@@ -147,10 +175,12 @@ def render_html(records: list[dict[str, Any]]) -> str:
         if r.get("status") != "complete":
             h.append(f"<pre>{html.escape(str(r.get('error', '')))}</pre></section>")
             continue
+        if r.get("setting"):
+            h.append(f"<h3>{html.escape(SETTING_TITLE)}</h3>")
+            h.append(_html_table(["", "paper", "ours"], _setting_rows(r)))
         if r.get("claims"):
-            h.append(_html_table(["claim", "paper", "ours", "tolerance", "pass"],
-                                 [[c["text"], c["paper"], c["ours"], c["tolerance"],
-                                   "yes" if c["passed"] else "NO"] for c in r["claims"]], 4))
+            headers, rows = _claim_rows(r)
+            h.append(_html_table(headers, rows, len(headers) - 1))
         for t in r.get("tables", []):
             h.append(f"<h3>{html.escape(t['title'])}</h3>")
             h.append(_html_table(t["headers"], t["rows"]))

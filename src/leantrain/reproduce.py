@@ -76,6 +76,7 @@ def run_one(exp: Experiment, profile: str, out: Path, seed: int, device: str) ->
             claims=[dataclasses.asdict(c) for c in result.claims],
             tables=[dataclasses.asdict(t) for t in result.tables],
             plots=list(result.plots), notes=result.notes, metrics=result.metrics,
+            setting={k: list(v) for k, v in result.setting.items()},
         )
     record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     _write_record(exp_out / "metrics.json", record)

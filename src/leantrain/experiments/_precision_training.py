@@ -5,6 +5,10 @@ Runs are keyed by everything that determines them (experiment setting, policy, s
 memoized within the process (so ``bf16-vision`` and ``dfp16-vision``, which train the same CNN with
 the same seeds and hyper-parameters, share their FP32 and DFP16 runs instead of repeating them) and
 checkpointed atomically through :func:`leantrain.train.fit`, so an interrupted experiment resumes.
+The checkpoint's file name carries :func:`leantrain.provenance.run_key` of the run's whole
+configuration (the policy's every field, the model's structure, the data's bytes, the
+hyper-parameters) and of the source of the code it runs (:data:`CODE_MODULES`), so a run cached by
+other code or another configuration is never resumed as if it were this one.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ from leantrain.data import Split
 from leantrain.plots import curves
 from leantrain.precision import PrecisionHooks, Recorder, get_policy
 from leantrain.precision.policy import Policy
+from leantrain.provenance import run_key, tensor_digest
 from leantrain.train import History, accuracy_metric, fit
 
-__all__ = ["RunResult", "train_run", "parity", "Parity", "underflow_table", "mean_curve_plot", "wrapped_registers"]
+__all__ = ["RunResult", "train_run", "run_config", "parity", "Parity", "paired_values", "underflow_table", "mean_curve_plot",
+           "wrapped_registers", "CODE_MODULES"]
+
+#: The code a precision run depends on: its source is part of the checkpoint's key.
+CODE_MODULES = ("leantrain.numerics", "leantrain.precision", "leantrain.train", "leantrain.models",
+                "leantrain.storage", "leantrain.experiments._precision_training")
 
 
 @dataclass
@@ -60,11 +70,14 @@ def train_run(setting: str, build: Callable[[], nn.Module], policy: str | Policy
     checkpoint name; two calls with the same key return the same (memoized) result.
     """
     pol = get_policy(policy)
-    key = (setting, pol, seed, epochs, batch_size, lr, momentum, optimizer, record_every, max_steps, device)
-    if key in _MEMO:
-        return _MEMO[key]
     torch.manual_seed(seed)
     model = build()
+    config = run_config(setting, model, pol, data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                        momentum=momentum, optimizer=optimizer, loss_fn=loss_fn, metric=metric,
+                        record_every=record_every, max_steps=max_steps, device=device)
+    key = run_key(config, CODE_MODULES)
+    if key in _MEMO:
+        return _MEMO[key]
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     elif optimizer == "adam":
@@ -75,16 +88,28 @@ def train_run(setting: str, build: Callable[[], nn.Module], policy: str | Policy
     hooks = PrecisionHooks(pol, recorder=rec, seed=seed)
     ckpt = None
     if out is not None:
-        ckpt = Path(out) / "runs" / f"{setting}-{pol.name}-s{seed}-e{epochs}.pt"
+        ckpt = Path(out) / "runs" / f"{setting}-{pol.name}-s{seed}-e{epochs}-{key}.pt"
     t0 = time.perf_counter()
     hist = fit(model, opt, loss_fn or nn.functional.cross_entropy, data.train, test=data.test, epochs=epochs,
                batch_size=batch_size, seed=seed, device=device, hooks=hooks, checkpoint=ckpt,
                checkpoint_every=200 if ckpt else 0, resume=ckpt is not None, eval_train=False, metric=metric,
                max_steps=max_steps)
     res = RunResult(pol.name, seed, hist, rec.summary(), rec.totals(), hist.skipped_steps, time.perf_counter() - t0,
-                    {"model": model, "recorder": rec, "scaler": hooks.scaler})
+                    {"model": model, "recorder": rec, "scaler": hooks.scaler, "run_key": key})
     _MEMO[key] = res
     return res
+
+
+def run_config(setting: str, model: nn.Module, policy: Policy, data: Split, **hyper: Any) -> dict[str, Any]:
+    """Everything that determines a run, as JSON-able data: the setting's name, the model's structure
+    (its ``repr``), every field of the policy, a digest of the data's tensors and the hyper-parameters
+    (callables by qualified name)."""
+    def name(v: Any) -> Any:
+        return f"{v.__module__}.{v.__qualname__}" if callable(v) and hasattr(v, "__qualname__") else v
+
+    return {"setting": setting, "model": repr(model), "policy": repr(policy),
+            "data": tensor_digest([*data.train.tensors, *data.test.tensors]),
+            **{k: name(v) for k, v in sorted(hyper.items())}}
 
 
 @dataclass
@@ -123,6 +148,13 @@ def parity(fp32: Sequence[float], values: Sequence[float]) -> Parity:
     tol = float(stats.t.ppf(0.975, n - 1)) * s32 * math.sqrt(1 / n + 1 / k)
     delta = m - m32
     return Parity(m32, s32, m, delta, tol, bool(abs(delta) <= tol and math.isfinite(m)), n, k)
+
+
+def paired_values(values: dict[str, Sequence[float]], policy: str, reference: str = "fp32") -> dict[str, list[float]]:
+    """A claim's per-seed values: ``reference``'s and ``policy``'s per seed and their paired differences (over
+    the seeds both have; the runs of a seed share initialization and data order)."""
+    ref, pol = list(values[reference]), list(values[policy])
+    return {reference: ref, policy: pol, f"{policy} - {reference}": [b - a for a, b in zip(ref, pol)]}
 
 
 def underflow_table(runs: dict[str, RunResult], tensor: str = "dy") -> list[list[Any]]:

@@ -22,15 +22,18 @@ import torch
 from torch import nn
 
 from leantrain.data import load_dataset
-from leantrain.experiments._precision_training import parity
+from leantrain.experiments._precision_training import paired_values, parity
 from leantrain.models import Discriminator, Generator, LeNet
 from leantrain.plots import curves, plt, save_figure
-from leantrain.precision import PrecisionHooks, Recorder
+from leantrain.precision import PrecisionHooks, Recorder, get_policy
+from leantrain.provenance import run_key, tensor_digest
 from leantrain.registry import Claim, Result, Table, experiment
 from leantrain.storage import load_torch, save_torch
 from leantrain.train import fit
 
 BCE = nn.functional.binary_cross_entropy_with_logits
+_CODE_MODULES = ("leantrain.numerics", "leantrain.precision", "leantrain.train", "leantrain.models",
+                 "leantrain.storage", "leantrain.experiments.bf16_gan")
 
 
 def _setting(profile: str) -> dict:
@@ -83,10 +86,13 @@ def score(gen: nn.Module, clf: nn.Module, n: int, seed: int, device: str) -> dic
 
 def train_gan(policy: str, seed: int, cfg: dict, real: torch.Tensor, out: Path, device: str) -> dict:
     """Train G and D under ``policy`` (checkpointed every eval, resumable); returns scores and losses."""
-    ckpt = out / "runs" / f"gan-{policy}-s{seed}-{cfg['steps']}.pt"
     torch.manual_seed(seed)
     gen = Generator(latent_dim=cfg["latent"], data_shape=(1, 8, 8), width=cfg["width"]).to(device)
     disc = Discriminator(data_shape=(1, 8, 8), width=cfg["width"]).to(device)
+    # The checkpoint is valid only for this configuration and this code (see leantrain.provenance).
+    key = run_key({"cfg": cfg, "policy": repr(get_policy(policy)), "seed": seed, "device": device, "gen": repr(gen),
+                   "disc": repr(disc), "real": tensor_digest([real])}, _CODE_MODULES)
+    ckpt = out / "runs" / f"gan-{policy}-s{seed}-{cfg['steps']}-{key}.pt"
     og = torch.optim.Adam(gen.parameters(), lr=cfg["lr"], betas=(0.5, 0.999))
     od = torch.optim.Adam(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.999))
     rec = Recorder(every=10)
@@ -152,7 +158,9 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     real = data.train.tensors[0] * 2 - 1  # digits are scaled to [0, 1]; the generator's tanh covers [-1, 1]
     clf, clf_acc = _classifier(device)
     seeds32 = list(range(seed, seed + cfg["fp32_seeds"]))
-    runs = {name: [train_gan(name, s, cfg, real, out, device) for s in (seeds32 if name == "fp32" else seeds32[:cfg["seeds"]])]
+    # bf16 (the claims) on every FP32 seed, paired (same initialization and batches); others: table rows.
+    runs = {name: [train_gan(name, s, cfg, real, out, device)
+                   for s in (seeds32 if name in ("fp32", "bf16") else seeds32[:cfg["seeds"]])]
             for name in cfg["policies"]}
     ds = {k: [r["final"]["digit_score"] for r in v] for k, v in runs.items()}
     conf = {k: [r["final"]["confident"] for r in v] for k, v in runs.items()}
@@ -164,10 +172,12 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
               "not recovered (paper: DCGAN/SRGAN FP32 parity, metric values not recovered)",
               f"bf16 {par['bf16'].mean:.3f} vs FP32 {par['bf16'].fp32_mean:.3f} (delta {par['bf16'].delta:+.3f}); "
               f"real data {real_score['digit_score']:.3f}",
-              par["bf16"].tolerance_text("digit score"), par["bf16"].passed),
+              par["bf16"].tolerance_text("digit score"), par["bf16"].passed, per_seed=paired_values(ds, "bf16"),
+              seeds=seeds32),
         Claim("bf16 DCGAN reaches FP32's fraction of confidently recognised samples", "not recovered",
               f"bf16 {parc['bf16'].mean:.3f} vs FP32 {parc['bf16'].fp32_mean:.3f} (delta {parc['bf16'].delta:+.3f})",
-              parc["bf16"].tolerance_text("confident fraction"), parc["bf16"].passed),
+              parc["bf16"].tolerance_text("confident fraction"), parc["bf16"].passed,
+              per_seed=paired_values(conf, "bf16"), seeds=seeds32),
     ]
     rows = [[k, len(ds[k]), f"{statistics.mean(ds[k]):.3f}", f"{statistics.mean(conf[k]):.3f}",
              f"{statistics.mean(r['final']['classes'] for r in runs[k]):.1f}",
@@ -197,7 +207,13 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
                "real": real_score, "parity": {k: vars(p) for k, p in par.items()},
                "history": {k: [r["history"] for r in v] for k, v in runs.items()},
                "dy": {k: v[0]["dy"] for k, v in runs.items()}}
-    return Result(metrics, claims, ["digit_score.png", "samples.png"], [table], notes)
+    setting = {"data": ("not recovered", "scikit-learn digits (8x8)"),
+               "model": ("DCGAN, SRGAN", f"small DCGAN, width {cfg['width']}, latent {cfg['latent']}"),
+               "batch / steps": ("not recovered (the FP32 baseline's, same iterations)",
+                                 f"{cfg['batch']}, {cfg['steps']} steps, Adam lr {cfg['lr']}"),
+               "metric": ("inception score", "classifier-based digit score (FP32 LeNet)"),
+               "seeds": ("not recovered", f"FP32 and bf16 {len(seeds32)} paired; other policies {cfg['seeds']}")}
+    return Result(metrics, claims, ["digit_score.png", "samples.png"], [table], notes, setting=setting)
 
 
 @torch.no_grad()

@@ -54,4 +54,8 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
                   [[seed + i, h.last("test_accuracy"), h.last("train_loss")] for i, h in enumerate(runs)])
     return Result(metrics={"test_accuracy": accs, "mean": mean, "std": spread, "epochs": epochs,
                            "history": [h.evals for h in runs]},
-                  claims=claims, plots=["test_accuracy.png"], tables=[table])
+                  claims=claims, plots=["test_accuracy.png"], tables=[table],
+                  setting={"data": ("ImageNet-1K and others (the BF16 paper's FP32 baselines)", "scikit-learn digits"),
+                           "model": ("AlexNet, ResNet-50, ...", "LeNet"),
+                           "batch / epochs": ("not recovered", f"32, {epochs} epochs, SGD lr 0.05 momentum 0.9"),
+                           "seeds": ("not recovered", f"{seeds} ({seed}..{seed + seeds - 1})")})

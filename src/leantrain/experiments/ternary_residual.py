@@ -129,8 +129,18 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
         "= extra weight bits as a fraction of the 8-2 model's quantized layers. 8-8 = int8 weights with the same "
         "grouping. The FP32 batch-norm statistics are kept (the edges move the weights back toward FP32, so the same "
         "statistics serve every k; this is what lets the edges be toggled at run time). "
-        "Multiplications = one per group, term and output position (8-8: every MAC is an 8-bit multiplication)."
+        "Multiplications = one per group, term and output position (8-8: every MAC is an 8-bit multiplication). "
+        f"One FP32 model (seed {seed}): every claim compares edge orders or budgets on the same converted model, so "
+        f"the comparison is within one model and its variation comes from the {n_random} random orders, not from "
+        "the model's seed (fgq-group-size and cluster-ternary show the spread over three FP32 models)."
     )
     metrics = {"fp32": pre.fp32, "8-8": m88, "8-2": m82, "sensitivity": sens, "random": rand, "edge_order": info["edge_order"],
                "scores": info["scores"], "best": best, "gap_closed": closed, "mults_ratio_vs_8_8": mult_ratio}
-    return Result(metrics, claims=claims, plots=["accuracy_vs_size.png", "accuracy_vs_mults.png"], tables=tables, notes=notes)
+    setting = {"data": ("ImageNet", f"{pre.setup['data']} {pre.setup['data_kwargs']}"),
+               "model": ("ResNet-101, pretrained", f"{pre.spec['name']} {pre.spec['kwargs']}, FP32 {pre.setup['epochs']} "
+                         "epochs"),
+               "group size": ("64 (most plausible, derived)", "64"),
+               "retraining": ("none", "none"),
+               "seeds": ("one pretrained model", f"FP32 model seed {seed}; {n_random} random orders")}
+    return Result(metrics, claims=claims, plots=["accuracy_vs_size.png", "accuracy_vs_mults.png"], tables=tables,
+                  notes=notes, setting=setting)
