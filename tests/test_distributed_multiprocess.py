@@ -451,8 +451,10 @@ _resume_fit(sys.argv[1], int(sys.argv[2]))
 
 def _torchrun(script: Path, out: Path, kill_at: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    # The monitor polls every 2 s: torchrun terminates the survivor when it sees rank 1 gone, and a shorter
+    # interval races the survivor's own CollectiveError (asserted below) on a loaded machine.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-           "--standalone", "--monitor-interval", "0.2",
+           "--standalone", "--monitor-interval", "2",
            str(script), str(out), str(kill_at)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
 
