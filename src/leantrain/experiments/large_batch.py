@@ -38,6 +38,7 @@ from torch import nn
 from leantrain.data import load_dataset
 from leantrain.landscape import LossSurface, hessian_top_eigenvalues, interpolate, plot_interpolation, sharpness
 from leantrain.models import MLP
+from leantrain.numerics.flat import flatten
 from leantrain.plots import plt, save_figure
 from leantrain.provenance import run_key, tensor_digest
 from leantrain.registry import Claim, Result, Table, experiment
@@ -160,7 +161,8 @@ def _train(name: str, seed: int, init: dict[str, torch.Tensor], data: Any, cfg: 
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    """The model's parameters as one flat copy (the order of ``model.parameters()``)."""
+    return flatten([p.detach() for p in model.parameters()])
 
 
 def _diagnose(model: nn.Module, data: Any, cfg: Config, seed: int, full: bool, device: str) -> dict[str, Any]:

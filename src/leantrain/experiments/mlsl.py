@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leantrain.numerics.flat import flatten
 from leantrain.registry import Claim, Result, Table, experiment
 
 ARXIV = "1801.08030"
@@ -39,7 +40,8 @@ def _to(ds: Any, dtype: torch.dtype) -> Any:
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    """The model's parameters as one flat copy (the order of ``model.parameters()``)."""
+    return flatten([p.detach() for p in model.parameters()])
 
 
 def _equivalence_run(rank: int | None, world: int, dtype: torch.dtype, optimizer: str, steps: int, batch: int,
