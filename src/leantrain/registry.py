@@ -135,17 +135,41 @@ _BENCHMARKS: dict[str, Benchmark] = {}
 
 
 def experiment(
-    name: str, *, arxiv: str, title: str, claim: str, quick_minutes: float = 1.0
+    name: str, *, arxiv: str, title: str, claim: str, quick_minutes: float = 1.0, threads: int | None = None
 ) -> Callable[[RunFn], RunFn]:
-    """Decorator registering ``fn(profile, out, seed, device) -> Result`` as an experiment."""
+    """Decorator registering ``fn(profile, out, seed, device) -> Result`` as an experiment.
+
+    ``threads``: run with that many torch intra-op threads, restoring the caller's count afterwards (for
+    latency-bound experiments, where a second thread on shared cores only waits, and whose reductions should
+    not depend on the machine's thread count). None leaves the count alone.
+    """
 
     def deco(fn: RunFn) -> RunFn:
-        if name in _EXPERIMENTS and _EXPERIMENTS[name].run is not fn:
+        run = fn if threads is None else _with_threads(fn, threads)
+        known = _EXPERIMENTS.get(name)
+        if known is not None and getattr(known.run, "__wrapped__", known.run) is not fn:
             raise ValueError(f"experiment name {name!r} is registered twice")
-        _EXPERIMENTS[name] = Experiment(name, arxiv, title, claim, fn, quick_minutes)
-        return fn
+        _EXPERIMENTS[name] = Experiment(name, arxiv, title, claim, run, quick_minutes)
+        return run
 
     return deco
+
+
+def _with_threads(fn: RunFn, threads: int) -> RunFn:
+    import functools
+
+    import torch
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
 
 
 def benchmark(name: str, *, description: str) -> Callable[[Callable[..., dict]], Callable[..., dict]]:

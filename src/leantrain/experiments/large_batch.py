@@ -251,17 +251,13 @@ def _plot_trajectory(records: dict[str, list[dict[str, Any]]], path: Path) -> Pa
           "one, ~10% of the training set) reaches lower test accuracy than a small batch (~0.4% of the data) and "
           "ends at a minimizer 1-2 orders of magnitude sharper (box sharpness; top Hessian eigenvalue).",
     quick_minutes=2.5,
-)
-def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     # One intra-op thread: the batch-16 steps are latency-bound (a second thread only adds
     # synchronization, and on a shared machine oversubscription makes it many times slower), and a
     # fixed thread count keeps the floating-point reductions, hence the numbers, reproducible.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(PROFILES[profile], profile, out, seed, device)
-    finally:
-        torch.set_num_threads(threads)
+    threads=1,
+)
+def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
+    return _run(PROFILES[profile], profile, out, seed, device)
 
 
 def _trained(name: str, s: int, init: dict[str, torch.Tensor], x0: torch.Tensor, data: Any, cfg: Config, large: int,

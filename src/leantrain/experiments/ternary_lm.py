@@ -162,17 +162,13 @@ def _subset(ds: Any, n: int) -> Any:
           "replacing 75% of the quantized layers' multiplications; larger N costs more; 4-bit beats ternary; ternary "
           "residual edges chosen by sensitivity buy back accuracy; STE fine-tuning recovers N=64.",
     quick_minutes=3.5,
-)
-def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     # One intra-op thread: these d=64..128 matmuls gain little from a second thread, and with two threads
     # on two shared cores every parallel region waits for a descheduled thread (measured: > 2x slower
-    # under load). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(profile, out, seed, device)
-    finally:
-        torch.set_num_threads(threads)
+    # under load).
+    threads=1,
+)
+def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
+    return _run(profile, out, seed, device)
 
 
 def _run(profile: str, out: Path, seed: int, device: str) -> Result:
