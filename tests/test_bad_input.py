@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from leantrain import registry, storage
+from leantrain import storage
+from leantrain.app import registry
 from leantrain.cli import main
 from leantrain.storage import CHECKSUM_MAGIC, folder_lock, load_torch, save_torch, write_json, write_text
 from leantrain.validation import (
@@ -282,7 +283,7 @@ def _output_cases(tmp: Path):
 @pytest.mark.parametrize("index", range(16))
 def test_bad_output_locations_fail_before_any_work(index, tmp_path, capsys, monkeypatch):
     argv, option, needle = _output_cases(tmp_path)[index]
-    import leantrain.commands.train as train_cmd
+    import leantrain.app.commands.train as train_cmd
 
     monkeypatch.setattr(train_cmd, "build_setup", lambda args: pytest.fail("train started working"))
     code, _, err = run_cli(argv, capsys)
@@ -294,7 +295,7 @@ def test_bad_output_locations_fail_before_any_work(index, tmp_path, capsys, monk
 def test_unwritable_output_folder_is_refused_before_work(tmp_path, capsys, monkeypatch):
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
-    import leantrain.commands.train as train_cmd
+    import leantrain.app.commands.train as train_cmd
 
     monkeypatch.setattr(train_cmd, "build_setup", lambda args: pytest.fail("train started working"))
     code, _, err = run_cli(["train", *TINY, "--out", tmp_path / "new" / "run"], capsys)
@@ -584,7 +585,7 @@ RUNS: list[str] = []
 
 @pytest.fixture()
 def fake_experiment():
-    from leantrain.registry import Result
+    from leantrain.app.registry import Result
 
     @registry.experiment("zz-bad-input", arxiv="0", title="t", claim="c", quick_minutes=0.01)
     def run(profile, out, seed=0, device="cpu"):
@@ -597,7 +598,7 @@ def fake_experiment():
 
 
 def test_reproduce_that_cannot_write_its_record_says_so_in_one_line(tmp_path, capsys, monkeypatch, fake_experiment):
-    import leantrain.reproduce as rep
+    import leantrain.app.reproduce as rep
 
     monkeypatch.setattr(rep, "write_json", _enospc)
     code, _, err = run_cli(["reproduce", fake_experiment, "--out", tmp_path, "--no-progress"], capsys)
@@ -692,7 +693,7 @@ def test_expert_archive_with_a_pickled_payload_never_runs_it(tmp_path, key):
     import zipfile
 
     cloudpickle = pytest.importorskip("cloudpickle")
-    from leantrain.experiments.rail import asset_dir
+    from leantrain.app.experiments.rail import asset_dir
     from leantrain.imitation.experts import load_expert
 
     marker = tmp_path / "pwned"

@@ -319,8 +319,8 @@ def test_alpha_beta_fit_recovers_the_parameters():
 
 
 def test_scale_command_parses_node_lists_and_predicts(tmp_path, capsys):
+    from leantrain.app.commands.scale import parse_nodes
     from leantrain.cli import main
-    from leantrain.commands.scale import parse_nodes
 
     assert parse_nodes("1,2,4,...,1024") == [2 ** k for k in range(11)]
     assert parse_nodes("3,5") == [3, 5]

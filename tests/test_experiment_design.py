@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from leantrain.experiments.large_batch import Config, _batch_schedule, progressive_batch_sizes
-from leantrain.experiments.mlsl import _LocalMomentum
+from leantrain.app.experiments.large_batch import Config, _batch_schedule, progressive_batch_sizes
+from leantrain.app.experiments.mlsl import _LocalMomentum
 
 
 def test_local_momentum_then_plain_sgd_is_momentum_sgd():

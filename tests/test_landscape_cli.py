@@ -104,13 +104,13 @@ def test_cli_bad_epsilon_and_missing_checkpoint(checkpoints, tmp_path, capsys):
 
 
 def test_experiment_runs_end_to_end_on_a_tiny_profile(tmp_path, monkeypatch):
-    from leantrain.experiments import large_batch
+    from leantrain.app.experiments import large_batch
 
     monkeypatch.setitem(large_batch.PROFILES, "quick",
                         large_batch.Config(seeds=2, warm_epochs=1, contenders=large_batch.CONTENDERS, target_loss=1.0,
                                            milestones=(2.0, 1.0), max_epochs=(3, 3), small_batch=256, batch_ratio=4,
                                            hidden=(8,), subspace=5, iters=2, progressive_epochs=2))
-    from leantrain.registry import experiments, load_all
+    from leantrain.app.registry import experiments, load_all
 
     load_all()
     res = experiments()["large-batch-sharpness"]("quick", tmp_path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import leantrain.numerics as numerics
+from leantrain.app.commands.verify import verify_numerics
 from leantrain.cli import main
-from leantrain.commands.verify import verify_numerics
 
 
 def test_verify_reports_zero_mismatches_and_exit_zero(tmp_path, capsys):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from leantrain.app.runs import compare_iterates, run_dance, run_dance_distributed
 from leantrain.optim import (
     DANCE,
     PBQN,
@@ -24,7 +25,6 @@ from leantrain.optim import (
 )
 from leantrain.optim.pbqn import initial_steplength, quadratic_forms
 from leantrain.optim.problems import binary_logistic_loss, make_problem, reference_optimum
-from leantrain.optim.runs import compare_iterates, run_dance, run_dance_distributed
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -331,7 +331,7 @@ def test_distributed_dance_on_two_gloo_ranks_equals_one_rank():
 def test_each_baseline_reaches_the_scipy_optimum(convex, method):
     """A crippled baseline cannot come back: configured as its users do, each baseline reaches the scipy
     L-BFGS-B optimum to 1e-6 relative (SGD and Adam on the full batch, where a constant step converges)."""
-    from leantrain.optim.runs import run_adam, run_lbfgs, run_newton_cg, run_sgd
+    from leantrain.app.runs import run_adam, run_lbfgs, run_newton_cg, run_sgd
 
     problem, ref = convex
     problem.set_flat_weights(torch.zeros_like(ref["weights"]))

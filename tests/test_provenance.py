@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from leantrain import provenance, registry
+from leantrain.app import provenance, registry
+from leantrain.app.experiments import _precision_training as pt
+from leantrain.app.registry import Claim, Result
+from leantrain.app.report import render_html, render_markdown
+from leantrain.app.reproduce import run_experiments
 from leantrain.data import DatasetInfo, Split
-from leantrain.experiments import _precision_training as pt
-from leantrain.registry import Claim, Result
-from leantrain.report import render_html, render_markdown
-from leantrain.reproduce import run_experiments
 
 
 def _fake_package(tmp_path, monkeypatch, body="X = 1\n"):
@@ -130,7 +130,7 @@ def test_precision_run_cache_is_not_reused_after_config_or_code_change(tmp_path,
 
 
 def test_quant_pretrained_cache_retrains_after_code_change(tmp_path, monkeypatch):
-    from leantrain.experiments import _quant_common as qc
+    from leantrain.app.experiments import _quant_common as qc
 
     setup = {"model": "lenet", "model_kwargs": {"in_channels": 1, "num_classes": 10}, "data": "digits",
              "data_kwargs": {}, "epochs": 1, "batch_size": 64, "lr": 0.05}
@@ -186,8 +186,8 @@ def test_report_shows_per_seed_values_and_paper_setting(tmp_path):
 
 
 def test_large_batch_saved_run_is_not_reused_after_config_or_code_change(tmp_path, monkeypatch):
+    from leantrain.app.experiments import large_batch as lb
     from leantrain.data import load_dataset
-    from leantrain.experiments import large_batch as lb
 
     data = load_dataset("mnist1d")
     cfg = lb.Config(seeds=1, warm_epochs=1, contenders=("SB",), target_loss=2.0, milestones=(2.0,),

@@ -216,7 +216,7 @@ def test_integer_path_vs_fake_quant_within_the_documented_bounds(name: str) -> N
 
 
 def test_ternary_lm_model_converts_and_round_trips(tmp_path: Path) -> None:
-    from leantrain.experiments.ternary_lm import CharTransformer
+    from leantrain.app.experiments.ternary_lm import CharTransformer
 
     torch.manual_seed(0)
     lm = CharTransformer(97, seq_len=16, d_model=32, heads=4, layers=2, ff=64).eval()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from leantrain.experiments.rail import asset_dir
+from leantrain.app.experiments.rail import asset_dir
 from leantrain.imitation.evaluation import evaluate_policy
 from leantrain.imitation.policies import policy_actor
 from leantrain.imitation.rail import RAIL, RAILConfig
@@ -123,8 +123,8 @@ def test_default_tail_term_is_active_in_every_iteration(demos):
 @pytest.mark.timeout(300)
 def test_medium_profile_runs_on_a_tiny_slice_and_feeds_the_report(tmp_path, capsys):
     """`leantrain rail medium` end to end on one shipped expert (Reacher-v5), 1 seed, 2 short iterations."""
+    from leantrain.app.experiments.rail import medium_section
     from leantrain.cli import main
-    from leantrain.experiments.rail import medium_section
 
     out = tmp_path / "medium"
     assert main(["rail", "medium", "--tasks", "Reacher-v5", "--seeds", "1", "--iterations", "2", "--batch-steps", "500",

@@ -9,11 +9,11 @@ import textwrap
 
 import pytest
 
-from leantrain import registry
+from leantrain.app import registry
+from leantrain.app.registry import Claim, Result, Table
+from leantrain.app.report import write_report
+from leantrain.app.reproduce import is_complete, run_experiments
 from leantrain.cli import main
-from leantrain.registry import Claim, Result, Table
-from leantrain.report import write_report
-from leantrain.reproduce import is_complete, run_experiments
 from leantrain.storage import remove_stale_temporaries, write_json, write_text
 
 
@@ -134,7 +134,7 @@ def test_killed_report_write_leaves_previous_report(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)   # die with the data written, unrenamed
-        from leantrain.report import write_report
+        from leantrain.app.report import write_report
         write_report({str(tmp_path)!r})
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

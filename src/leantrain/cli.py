@@ -1,4 +1,4 @@
-"""The ``leantrain`` command line. Subcommands live in :mod:`leantrain.commands`, one module each."""
+"""The ``leantrain`` command line. Subcommands live in :mod:`leantrain.app.commands`, one module each."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import leantrain.commands as commands
+    import leantrain.app.commands as commands
     from leantrain import __version__
 
     parser = argparse.ArgumentParser(
@@ -25,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
-            importlib.import_module(f"leantrain.commands.{info.name}").register(sub)
+            importlib.import_module(f"leantrain.app.commands.{info.name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from leantrain.commands import check_outputs
+    from leantrain.app.commands import check_outputs
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@
   (:mod:`leantrain.optim.dance`);
 - :class:`BatchLoss`: the sample objective both use (per-sample gradients, HVPs, work counting);
 - :mod:`leantrain.optim.problems` (logistic regression, MLP, CNN; scipy reference optimum) and
-  :mod:`leantrain.optim.runs` (the methods and baselines with one accounting).
+  :mod:`leantrain.app.runs` (the methods and baselines with one accounting).
 
 See docs/optim.md.
 """

@@ -1,2 +1,0 @@
-"""Reproduction experiments, one module per paper claim; each registers itself with
-:func:`leantrain.registry.experiment`. ``leantrain reproduce --list`` lists them."""
