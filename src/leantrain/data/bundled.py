@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from leantrain.data import DatasetInfo, Split, register_dataset
+from leantrain.data.split import DatasetInfo, Split, register_dataset
 from leantrain.storage import write_bytes
 
 __all__ = ["digits", "breast_cancer", "mnist1d", "cache_dir", "stratified_split"]

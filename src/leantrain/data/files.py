@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from leantrain.data import DatasetInfo, Split, register_dataset
+from leantrain.data.split import DatasetInfo, Split, register_dataset
 
 __all__ = ["read_idx", "mnist_idx", "mnist", "fashion_mnist", "read_cifar10_batch", "cifar10",
            "libsvm_arrays", "libsvm", "data_root"]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from leantrain.data import DatasetInfo, Split, register_dataset
+from leantrain.data.split import DatasetInfo, Split, register_dataset
 from leantrain.validation import check_int, check_range, check_seed
 
 __all__ = ["gaussian_mixture", "synthetic_images", "clicks"]

@@ -35,7 +35,7 @@ import zlib
 import torch
 from torch.utils.data import TensorDataset
 
-from leantrain.data import DatasetInfo, Split, register_dataset
+from leantrain.data.split import DatasetInfo, Split, register_dataset
 
 __all__ = ["STDLIB_MODULES", "VOCAB", "encode", "decode", "pydocs_documents", "pydocs"]
 

@@ -250,9 +250,9 @@ def fit_alpha_beta(sizes: list[float], seconds: list[float], p: int) -> tuple[fl
 def plot_scaling(path: Any, series: dict[str, list[dict[str, float]]], *, key: str = "efficiency", title: str = "",
                  points: dict[str, tuple[list[float], list[float]]] | None = None) -> Any:
     """Predicted ``key`` against processes (log2 axis) per series, plus optional measured ``points``."""
-    from leantrain.plots import plt, save_figure
+    from leantrain.plots import save_figure, subplots
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     for label, rows in series.items():
         ax.plot([r["processes"] for r in rows], [r[key] for r in rows], marker=".", label=label)
     for label, (xs, ys) in (points or {}).items():

@@ -75,9 +75,9 @@ def tail_report(expert: Mapping[str, float], agents: Mapping[str, Mapping[str, f
 
 def cost_histograms(path: str | Path, costs: Mapping[str, Sequence[float]], *, title: str, alpha: float = 0.9) -> Path:
     """One plot: overlaid histograms of trajectory cost per agent (log counts), with each agent's CVaR marked."""
-    from leantrain.plots import plt, save_figure
+    from leantrain.plots import save_figure, subplots
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     allc = np.concatenate([np.asarray(c, float) for c in costs.values()])
     lo, hi = float(allc.min()), float(allc.max())
     bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)

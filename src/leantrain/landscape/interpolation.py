@@ -136,9 +136,9 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, loss_fn: LossFn, data: A
 
 def plot_interpolation(result: Interpolation, path: str | Path, *, title: str = "") -> Path:
     """Write the parametric plot: loss (left axis, log scale) and accuracy (right axis) against alpha."""
-    from leantrain.plots import plt, save_figure
+    from leantrain.plots import save_figure, subplots
 
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    fig, ax = subplots(figsize=(6.8, 4.4))
     ax2 = ax.twinx()
     styles = ["-", "--", ":", "-."]
     for i, (name, c) in enumerate(result.curves.items()):

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from leantrain.numerics.rounding import _check_float, _check_generator, check_rounding, round_to_integer
+from leantrain.numerics.rounding import check_float, check_generator, check_rounding, round_to_integer
 
-__all__ = ["to_dfp", "from_dfp", "dfp_round", "dfp_exponent", "mantissa_dtype"]
+__all__ = ["to_dfp", "from_dfp", "dfp_round", "dfp_exponent", "mantissa_dtype", "check_bits", "ldexp"]
 
 
-def _check_bits(bits: object) -> int:
+def check_bits(bits: object) -> int:
+    """``bits`` if it is an int in 2..32 (a signed integer width, sign included), else TypeError/ValueError."""
     if not isinstance(bits, int) or isinstance(bits, bool):
         raise TypeError(f"bits must be an int, got {type(bits).__name__}")
     if not 2 <= bits <= 32:
@@ -40,7 +41,7 @@ def _check_bits(bits: object) -> int:
 
 def mantissa_dtype(bits: int) -> torch.dtype:
     """Smallest signed integer dtype holding ``bits``-bit mantissas: int8, int16 or int32."""
-    _check_bits(bits)
+    check_bits(bits)
     return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
 
 
@@ -55,7 +56,7 @@ def _blocked(x: torch.Tensor, block: int | None) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
 
 
-def _ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+def ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """``x * 2^e`` in two power-of-two steps, so that neither factor over/underflows (exact for normal results)."""
     e = e.to(x.dtype)
     half = torch.floor(e / 2)
@@ -67,12 +68,12 @@ def dfp_exponent(amax: torch.Tensor, bits: int = 16) -> torch.Tensor:
 
     ``amax``: non-negative finite maxima (any float dtype). Returns int32 of the same shape.
     """
-    _check_bits(bits)
+    check_bits(bits)
     m = amax.to(torch.float64)
     top = float(2 ** (bits - 1) - 1)
     _, k = torch.frexp(m)
     e = k.to(torch.int64) - (bits - 1)
-    e = e + (_ldexp(m, -e) > top).to(torch.int64)  # exact: power-of-two scaling in float64
+    e = e + (ldexp(m, -e) > top).to(torch.int64)  # exact: power-of-two scaling in float64
     return torch.where(m > 0, e, torch.zeros_like(e)).to(torch.int32)
 
 
@@ -99,10 +100,10 @@ def to_dfp(
         ``exponent``: int32, shape ``()`` per tensor or ``x.shape[:-1] + (x.shape[-1] // block,)`` per block.
         See the module doc for the exponent rule and the error bound.
     """
-    _check_float(x)
-    _check_bits(bits)
+    check_float(x)
+    check_bits(bits)
     check_rounding(rounding)
-    _check_generator(generator)
+    check_generator(generator)
     xb = _blocked(x, block)
     amax = xb.abs().amax(dim=-1) if xb.numel() else torch.zeros(xb.shape[:-1], dtype=x.dtype, device=x.device)
     if not bool(torch.isfinite(amax).all()):
@@ -110,11 +111,11 @@ def to_dfp(
     exp = dfp_exponent(amax, bits)
     # 2^-E as a float32 factor when it is a normal float32 (the usual case), else scale in float64 (exact).
     work = torch.float32 if x.dtype != torch.float64 and int(exp.min()) > -126 and int(exp.max()) < 126 else torch.float64
-    if block is None:  # one exponent: _ldexp's two power-of-two products, by scalars (no pow passes)
+    if block is None:  # one exponent: ldexp's two power-of-two products, by scalars (no pow passes)
         neg = -int(exp)
         scaled = xb.to(work) * 2.0 ** (neg // 2) * 2.0 ** (neg - neg // 2)
     else:
-        scaled = _ldexp(xb.to(work), -exp.unsqueeze(-1))
+        scaled = ldexp(xb.to(work), -exp.unsqueeze(-1))
     mant = round_to_integer(scaled, rounding, generator=generator)
     mant = mant.to(mantissa_dtype(bits)).reshape(x.shape)
     return mant, (exp.reshape(()) if block is None else exp)
@@ -159,12 +160,12 @@ def _from_dfp_exact(mantissas: torch.Tensor, exponent: torch.Tensor | int) -> to
         raise TypeError(f"exponent must be an integer tensor or int, got dtype {exp.dtype}")
     m = mantissas.to(torch.float64)
     if exp.dim() == 0:
-        return _ldexp(m, exp)
+        return ldexp(m, exp)
     nb = exp.shape[-1]
     if m.dim() == 0 or exp.shape[:-1] != m.shape[:-1] or nb == 0 or m.shape[-1] % nb:
         raise ValueError(f"exponent shape {tuple(exp.shape)} does not match mantissas shape {tuple(m.shape)} in blocks")
     mb = m.reshape(*m.shape[:-1], nb, m.shape[-1] // nb)
-    return _ldexp(mb, exp.unsqueeze(-1)).reshape(m.shape)
+    return ldexp(mb, exp.unsqueeze(-1)).reshape(m.shape)
 
 
 def dfp_round(

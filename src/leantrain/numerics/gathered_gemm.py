@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from leantrain.numerics.intmatmul import _wrap_chunk_sums_t
+from leantrain.numerics.intmatmul import wrap_chunk_sums_t
 from leantrain.numerics.native import GEMM_BLOCKS, native_available, native_library
 
 __all__ = ["gathered_int_gemm", "native_available"]
@@ -271,12 +271,12 @@ def _torch_path(s: torch.Tensor, srow: torch.Tensor, scol: torch.Tensor, v: torc
     else:
         vs = v[:, vrow.unsqueeze(1) + torch.arange(n_, device=v.device).unsqueeze(0)]  # (Bv, T, N)
     if vs.shape[0] == 1:  # one V for the whole batch: a single GEMM over every (b, r)
-        out, wrapped, _, _ = _wrap_chunk_sums_t(a_t.transpose(0, 1), vs[0], c, acc_bits, one_register)
+        out, wrapped, _, _ = wrap_chunk_sums_t(a_t.transpose(0, 1), vs[0], c, acc_bits, one_register)
         out = out.reshape(a_t.shape[0], r_, n_).expand(nb, r_, n_)
     else:
         outs, wrapped = [], 0
         for b in range(nb):
-            o, w, _, _ = _wrap_chunk_sums_t(a_t[b if a_t.shape[0] > 1 else 0], vs[b], c, acc_bits, one_register)
+            o, w, _, _ = wrap_chunk_sums_t(a_t[b if a_t.shape[0] > 1 else 0], vs[b], c, acc_bits, one_register)
             outs.append(o)
             wrapped += w
         out = torch.stack(outs)

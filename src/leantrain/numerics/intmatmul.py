@@ -48,9 +48,9 @@ from typing import Any
 
 import torch
 
-from leantrain.numerics.dfp import _check_bits, _ldexp, from_dfp, to_dfp
+from leantrain.numerics.dfp import check_bits, from_dfp, ldexp, to_dfp
 
-__all__ = ["int_matmul", "dfp_matmul", "safe_chunk", "OVERFLOW_MODES"]
+__all__ = ["int_matmul", "dfp_matmul", "safe_chunk", "OVERFLOW_MODES", "wrap_chunk_sums_t"]
 
 OVERFLOW_MODES = ("wrap", "saturate", "error")
 # Candidate outputs emulated per batch: bounds the (outputs x K) int64 prefix-sum buffer to 32 MiB.
@@ -153,7 +153,7 @@ def _accumulate(a: torch.Tensor, b: torch.Tensor, acc_bits: int, overflow: str) 
 _TILE_ELEMENTS = 1 << 21
 
 
-def _wrap_chunk_sums_t(at_src: torch.Tensor, b: torch.Tensor, c: int, acc_bits: int, int_out: bool,
+def wrap_chunk_sums_t(at_src: torch.Tensor, b: torch.Tensor, c: int, acc_bits: int, int_out: bool,
                        b_transposed: bool = False) -> tuple[torch.Tensor, int, int, int]:
     """Core of the ``events=False`` wrap path (module doc): registers = wrap(exact chunk sums), then the chunk
     registers rounded to float32 and summed in float32 in chunk order (``int_out=False``), or the single
@@ -223,8 +223,8 @@ def _wrap_chunk_sums_t(at_src: torch.Tensor, b: torch.Tensor, c: int, acc_bits: 
 
 def _wrap_fast(a2: torch.Tensor, b: torch.Tensor, c: int, acc_bits: int, chunk: int | None, lead: torch.Size,
                m_: int, n_: int, k_: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The ``events=False`` wrap path (module doc), see :func:`_wrap_chunk_sums_t`."""
-    out, n_wrapped, max_abs, nch = _wrap_chunk_sums_t(a2.t(), b, c, acc_bits, chunk is None)
+    """The ``events=False`` wrap path (module doc), see :func:`wrap_chunk_sums_t`."""
+    out, n_wrapped, max_abs, nch = wrap_chunk_sums_t(a2.t(), b, c, acc_bits, chunk is None)
     stats = {"overflow_events": None, "overflowed_outputs": None, "wrapped_outputs": n_wrapped,
              "accumulations": m_ * n_ * k_, "chunks": nch,
              "max_abs_exact": max_abs, "acc_bits": acc_bits, "chunk": chunk,
@@ -334,7 +334,7 @@ def dfp_matmul(
 
     Returns ``(y, stats)``; stats are :func:`int_matmul`'s plus ``exponent_x``, ``exponent_w``.
     """
-    _check_bits(bits)
+    check_bits(bits)
     ix, ex = to_dfp(x, bits, rounding=rounding, generator=generator)
     iw, ew = to_dfp(w, bits, rounding=rounding, generator=generator)
     r, stats = int_matmul(ix, iw, acc_bits=acc_bits, chunk=chunk, overflow=overflow)
@@ -342,6 +342,6 @@ def dfp_matmul(
     if chunk is None:
         y = from_dfp(r, e)
     else:
-        y = _ldexp(r.to(torch.float64), e).to(torch.float32)  # power-of-two rescale of the float32 chunk sum
+        y = ldexp(r.to(torch.float64), e).to(torch.float32)  # power-of-two rescale of the float32 chunk sum
     stats.update(exponent_x=int(ex), exponent_w=int(ew))
     return y, stats

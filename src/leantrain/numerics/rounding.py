@@ -42,7 +42,8 @@ import torch
 from leantrain.numerics.formats import FloatFormat, float32_bits
 from leantrain.numerics.native import native_library
 
-__all__ = ["ROUNDING_MODES", "check_rounding", "round_low_bits", "round_to_integer", "stochastic_round_up", "quantize"]
+__all__ = ["ROUNDING_MODES", "check_rounding", "check_float", "check_generator", "round_low_bits", "round_to_integer",
+           "stochastic_round_up", "quantize"]
 
 ROUNDING_MODES = ("nearest", "stochastic", "truncate")
 
@@ -62,7 +63,8 @@ def check_rounding(rounding: str, arg: str = "rounding") -> str:
     return rounding
 
 
-def _check_float(x: object, arg: str = "x") -> torch.Tensor:
+def check_float(x: object, arg: str = "x") -> torch.Tensor:
+    """``x`` if it is a floating-point tensor, else TypeError naming the argument ``arg``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -70,7 +72,8 @@ def _check_float(x: object, arg: str = "x") -> torch.Tensor:
     return x
 
 
-def _check_generator(generator: object) -> None:
+def check_generator(generator: object) -> None:
+    """TypeError unless ``generator`` is a ``torch.Generator`` or None."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
@@ -159,9 +162,9 @@ def round_to_integer(x: torch.Tensor, rounding: str = "nearest", *, generator: t
     for ``|x| < 1`` and for float64 it is :func:`stochastic_round_up` (exact to ``2^-53``).
     NaN and +-inf pass through; the sign of zero is kept. Not differentiable (the result is detached).
     """
-    _check_float(x)
+    check_float(x)
     check_rounding(rounding)
-    _check_generator(generator)
+    check_generator(generator)
     x = x.detach()
     if rounding == "nearest":
         return torch.round(x)
@@ -248,11 +251,11 @@ def quantize(
             it agrees bit for bit with the bit-level routine, and never while torch flushes denormals.
             ``False`` always uses the bit-level routine.
     """
-    _check_float(x)
+    check_float(x)
     if not isinstance(fmt, FloatFormat):
         raise TypeError(f"fmt must be a FloatFormat, got {type(fmt).__name__}")
     check_rounding(rounding)
-    _check_generator(generator)
+    check_generator(generator)
     xf = x.detach().to(torch.float32)
     if rounding == "truncate" and x.dtype == torch.float64:
         # Truncation must not round away from zero on the way to float32 (which would also turn a finite

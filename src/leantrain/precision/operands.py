@@ -16,7 +16,7 @@ import torch
 
 from leantrain.numerics import int_matmul, quantize, to_dfp
 from leantrain.numerics.gathered_gemm import gathered_int_gemm, native_available
-from leantrain.numerics.intmatmul import _wrap_chunk_sums_t
+from leantrain.numerics.intmatmul import wrap_chunk_sums_t
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.policy import DFPSpec, FloatSpec, IntAccumulator, Policy
 
@@ -86,7 +86,7 @@ class LayerNumerics:
             return t
         if isinstance(spec, DFPSpec):
             m, e = self.dfp(t, spec, tensor)
-            return m if e == NONFINITE else _ldexp(m, e)
+            return m if e == NONFINITE else ldexp(m, e)
         fmt = spec.format
         if spec.scaling == "tensor":
             s = _pow2_scale(t, fmt.max_normal)
@@ -117,8 +117,8 @@ class LayerNumerics:
         mf = m.to(torch.float32)
         exp = int(e)
         if self.recording():
-            q = _ldexp(mf, exp)
-            top = _ldexp(torch.tensor(float((1 << (spec.bits - 1)) - 1)), exp).item()
+            q = ldexp(mf, exp)
+            top = ldexp(torch.tensor(float((1 << (spec.bits - 1)) - 1)), exp).item()
             self.recorder.observe(self.name, tensor, t, q, max_value=top, min_normal=None, exponent=exp)  # type: ignore[union-attr]
         return mf, exp
 
@@ -203,11 +203,11 @@ class LayerNumerics:
         if self.wraps_exactly() and 0 < k < 2**23:
             # int_matmul's fast wrap path itself, without the integer casts: DFP16 mantissas are integers with
             # |m| < 2^15, so K |a| |b| < 2^53 (its exactness condition) holds for K < 2^23.
-            out, bad, _, nch = _wrap_chunk_sums_t(a if transposed else a.t(), b, chunk or k, acc.bits, chunk is None,
+            out, bad, _, nch = wrap_chunk_sums_t(a if transposed else a.t(), b, chunk or k, acc.bits, chunk is None,
                                                   b_transposed)
             if self.recording():
                 self.recorder.observe_accumulator(self.name, gemm, nch * m * n, bad)  # type: ignore[union-attr]
-            return _ldexp(out.to(torch.float32), scale_exp)
+            return ldexp(out.to(torch.float32), scale_exp)
         if transposed:
             a = a.reshape(k, m).t()
         if b_transposed:
@@ -221,13 +221,13 @@ class LayerNumerics:
             else:  # saturate / error / wide operands: exact event emulation
                 regs, bad = stats["accumulations"], stats["overflow_events"]
             self.recorder.observe_accumulator(self.name, gemm, regs, bad)  # type: ignore[union-attr]
-        return _ldexp(out.to(torch.float32), scale_exp)
+        return ldexp(out.to(torch.float32), scale_exp)
 
 
 NONFINITE = 1 << 40  # exponent marking a DFP tensor converted from Inf/NaN input
 
 
-def _ldexp(x: torch.Tensor, e: int) -> torch.Tensor:
+def ldexp(x: torch.Tensor, e: int) -> torch.Tensor:
     """``x * 2**e`` exactly (two power-of-two factors, so neither over- nor underflows float32 on its own)."""
     h = e // 2
     return x * (2.0 ** h) * (2.0 ** (e - h))

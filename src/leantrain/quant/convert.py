@@ -46,7 +46,7 @@ from leantrain.quant.layers import MODES, QuantLayer, quantizable
 from leantrain.quant.selection import candidates, dataflow_groups, resolve_keep, roles
 
 __all__ = ["quantize_model", "QuantizedModel", "LayerReport", "WEIGHT_KINDS", "weight_bits", "calibration_inputs",
-           "calibration_batches", "Batch", "recalibrate_batchnorm"]
+           "calibration_batches", "Batch", "recalibrate_batchnorm", "replace_submodule"]
 
 @dataclass
 class Batch:
@@ -380,7 +380,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Sequence[Any], *, device: s
     return len(bns)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def replace_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``root`` at the dotted path ``name`` (which must name an existing parent)."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -453,7 +454,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, calib
                                 scale_dtype=getattr(torch, w.scale_dtype))
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from None
-        _set_submodule(qnet, name, qlayer.to(device))
+        replace_submodule(qnet, name, qlayer.to(device))
     for name, reason in unsupported.items():
         layer_info[f"{name}.in_proj_weight"] = {"kind": "linear", "role": "attention", "reason": reason,
                                                 "shape": [3 * qnet.get_submodule(name).embed_dim,

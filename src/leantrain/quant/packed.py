@@ -52,7 +52,7 @@ from torch import nn
 
 from leantrain.quant.activations import ActQuantizer
 from leantrain.quant.attention import prepare_for_quantization
-from leantrain.quant.convert import QuantizedModel, _set_submodule
+from leantrain.quant.convert import QuantizedModel, replace_submodule
 from leantrain.quant.layers import QuantLayer
 from leantrain.quant.weights import WeightCodes
 from leantrain.storage import write_bytes
@@ -333,7 +333,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | Callable[[], nn.M
                 terms.append(WeightCodes(codes.reshape(meta["spec"]["shape"]), scales.clone()))
             layer.set_terms(terms)
             layer.active_terms = int(meta["active_terms"])
-            _set_submodule(net, name, layer)
+            replace_submodule(net, name, layer)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise ValueError(f"{bad} is malformed: layer {name!r}: {exc}") from None
     state = _get_state(header.get("float_state"), payload, path)

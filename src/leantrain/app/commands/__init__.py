@@ -23,7 +23,8 @@ from typing import Any
 from leantrain.storage import to_jsonable
 from leantrain.validation import SEED_MAX, UsageError, int_arg
 
-__all__ = ["add_common", "emit", "resolve_device", "declare_outputs", "check_output", "check_outputs"]
+__all__ = ["add_common", "emit", "resolve_device", "declare_outputs", "check_output", "check_outputs", "key_value",
+           "key_values"]
 
 
 def add_common(parser: argparse.ArgumentParser, *, out: str | None = "results") -> None:
@@ -34,6 +35,27 @@ def add_common(parser: argparse.ArgumentParser, *, out: str | None = "results") 
     if out is not None:
         parser.add_argument("--out", default=out, help=f"output directory (default {out})")
         declare_outputs(parser, out="dir")
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """Parse one ``KEY=VALUE`` (the ``--data-arg`` / ``--model-arg`` options, the MODEL-SPEC arguments).
+
+    VALUE is read as JSON when it parses (``8`` -> 8, ``0.5`` -> 0.5, ``true`` -> True, ``[64,64]`` -> a list),
+    else kept as the string. KEY must be a Python identifier (it becomes a keyword argument).
+    Raises ``argparse.ArgumentTypeError`` (a ``ValueError``), so argparse reports it as a usage error.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def key_values(text: str) -> dict[str, Any]:
+    """Comma-separated ``KEY=VALUE`` items (``"width=8,depth=2"``) as a dict, each parsed by :func:`key_value`."""
+    return dict(key_value(item) for item in text.split(",") if item)
 
 
 def declare_outputs(parser: argparse.ArgumentParser, **kinds: str) -> None:

@@ -12,15 +12,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from leantrain.app.commands import add_common, declare_outputs, emit, resolve_device
-from leantrain.app.commands.train import _key_value
+from leantrain.app.commands import add_common, declare_outputs, emit, key_value, resolve_device
 from leantrain.validation import UsageError, float_arg, int_arg
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None,
                    help="data set name (see `leantrain data list`; default: the one stored in the checkpoint)")
-    p.add_argument("--data-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+    p.add_argument("--data-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="keyword for the data set loader (repeatable; default: the checkpoint's)")
     p.add_argument("--batch-size", type=int_arg(1), default=1024, help="evaluation batch size (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

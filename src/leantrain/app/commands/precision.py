@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from leantrain.app.commands import add_common, emit
+from leantrain.app.commands import add_common, emit, key_values
 
 # torch / HF models at toy size, random weights, no download: (builder, example inputs) per name.
 _BUILTIN = ("torch:transformer", "torch:mha", "torch:lstm", "torch:gru", "hf:bert", "hf:gpt2", "hf:vit")
@@ -32,23 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--batch", type=int, default=2, help="batch size of the random input (default 2)")
     add_common(a, out=None)
     a.set_defaults(func=run)
-
-
-def _kwargs(text: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
-        key, eq, val = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"MODEL-SPEC arguments must be key=value, got {item!r}")
-        for cast in (int, float):
-            try:
-                out[key] = cast(val)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = val
-    return out
 
 
 def _builtin(name: str, batch: int) -> tuple[Any, tuple, dict]:
@@ -119,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if name in _BUILTIN:
         model, inputs, kwargs = _builtin(name, args.batch)
     elif name in _ZOO:
-        model, inputs, kwargs = _zoo(name, _kwargs(rest), args.batch)
+        model, inputs, kwargs = _zoo(name, key_values(rest), args.batch)
     else:
         raise ValueError(f"MODEL-SPEC must be one of {list(_ZOO) + list(_BUILTIN)} (zoo names may take :key=value,...), "
                          f"got {spec!r}")

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from leantrain.app.commands import add_common, emit, resolve_device
+from leantrain.app.commands import add_common, emit, key_value, resolve_device
 from leantrain.validation import float_arg
 
 DEFAULT_NODES = "1,2,4,8,16,32,64,128,256,512,1024"
@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB (default 25)")
     p.add_argument("--compression", choices=COMPRESSIONS, default="int8",
                    help="compression to predict beside the uncompressed exchange (default int8)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="model constructor keyword")
+    p.add_argument("--model-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="model constructor keyword (VALUE read as JSON when it parses; repeatable)")
     add_common(p, out="results/scale")
     p.set_defaults(func=run)
 
@@ -67,7 +68,6 @@ def parse_nodes(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
 
     import torch
 
@@ -85,12 +85,7 @@ def run(args: argparse.Namespace) -> int:
     net = Network.from_units(args.bandwidth, args.latency, args.algorithm, ranks_per_node=args.ranks_per_node)
     info = load_dataset(args.dataset or DEFAULT_DATASET[args.model]).info
     kwargs: dict[str, Any] = dataset_kwargs(args.model, info)
-    for kv in args.model_arg:
-        k, _, v = kv.partition("=")
-        try:
-            kwargs[k] = json.loads(v)
-        except json.JSONDecodeError:
-            kwargs[k] = v
+    kwargs.update(args.model_arg)
     torch.manual_seed(args.seed)
     model = build(args.model, **kwargs).to(device)
     x = torch.randn(args.batch_size, *info.input_shape, device=device)

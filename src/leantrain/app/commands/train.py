@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leantrain.app.commands import add_common, declare_outputs, emit, resolve_device
+from leantrain.app.commands import add_common, declare_outputs, emit, key_value, resolve_device
 from leantrain.validation import UsageError, float_arg, int_arg
 
 #: Models that ``leantrain train`` cannot train with a supervised loss.
@@ -48,26 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE``; VALUE read as JSON when it parses (numbers, lists, true/false), else as a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``leantrain train`` (without the common ``--seed --device --json --out``)."""
     from leantrain.models import MODELS
 
     p.add_argument("--model", required=True, choices=sorted(set(MODELS) - set(UNSUPERVISED)), help="zoo model")
     p.add_argument("--dataset", required=True, help="data set name (see `leantrain data list`)")
-    p.add_argument("--data-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+    p.add_argument("--data-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="keyword for the data set loader, e.g. root=DIR or train=FILE (repeatable)")
-    p.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+    p.add_argument("--model-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="keyword for the model constructor, e.g. width=8 or hidden=[64,64] (repeatable)")
     p.add_argument("--epochs", type=int_arg(1), default=5, help="epochs (default 5)")
     p.add_argument("--batch-size", type=int_arg(1), default=64, help="mini-batch size (default 64)")

@@ -26,7 +26,7 @@ from leantrain.app.provenance import run_key, tensor_digest
 from leantrain.app.registry import Claim, Result, Table, experiment
 from leantrain.data import load_dataset
 from leantrain.models import Discriminator, Generator, LeNet
-from leantrain.plots import curves, plt, save_figure
+from leantrain.plots import curves, save_figure, subplots
 from leantrain.precision import PrecisionHooks, Recorder, get_policy
 from leantrain.storage import load_torch, save_torch
 from leantrain.train import fit
@@ -192,7 +192,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
         series[f"{k} (seed {seed})"] = ([h["step"] for h in hist], [h["digit_score"] for h in hist])
     curves(out / "digit_score.png", series, xlabel="step", ylabel="digit score (classifier IS)",
            title="DCGAN on digits: score during training")
-    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 1.6 * len(runs)))
+    fig, axes = subplots(len(runs), 1, figsize=(8, 1.6 * len(runs)))
     for ax, (k, v) in zip(axes if len(runs) > 1 else [axes], runs.items()):
         grid = v[0]["grid"][:16, 0]
         ax.imshow(torch.cat(list(grid), dim=1).numpy(), cmap="gray", vmin=-1, vmax=1)

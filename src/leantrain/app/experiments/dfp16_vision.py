@@ -29,7 +29,7 @@ from leantrain.app.registry import Claim, Result, Table, experiment
 from leantrain.data import load_dataset
 from leantrain.models import resnet20
 from leantrain.numerics.native import dfp_gemm_path
-from leantrain.plots import plt, save_figure
+from leantrain.plots import save_figure, subplots
 from leantrain.precision import IntAccumulator, Recorder, emulate, get_policy
 
 CHUNKS: tuple[int | None, ...] = (None, 1024, 256, 64, 16, 8, 4, 2)
@@ -110,7 +110,7 @@ def run(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> Result:
     torch.manual_seed(seed)
     fresh = resnet20(width=cfg["width"], in_channels=1, num_classes=10, depth=cfg["depth"]).to(device)
     curve = {"trained": _overflow_by_chunk(trained, xb, yb), "init": _overflow_by_chunk(fresh, xb, yb)}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(10, 4), sharey=True)
     xs = [float(c) if c is not None else float(4 * 4096) for c in CHUNKS]
     for ax, (which, data_c) in zip(axes, curve.items()):
         for g in ("forward", "backward_data", "backward_weight"):

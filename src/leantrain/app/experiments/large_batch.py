@@ -41,7 +41,7 @@ from leantrain.data import load_dataset
 from leantrain.landscape import LossSurface, hessian_top_eigenvalues, interpolate, plot_interpolation, sharpness
 from leantrain.models import MLP
 from leantrain.numerics.flat import flatten
-from leantrain.plots import plt, save_figure
+from leantrain.plots import save_figure, subplots
 from leantrain.storage import load_torch, save_torch
 from leantrain.train import evaluate, fit
 
@@ -198,7 +198,7 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _plot_scatter(records: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = subplots(1, 2, figsize=(10, 4.2))
     for name, recs in records.items():
         xs = [r["sharpness_full_0.001"] for r in recs]
         axes[0].scatter(xs, [100 * r["test_accuracy"] for r in recs], label=name)
@@ -216,7 +216,7 @@ def _plot_scatter(records: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 
 
 def _plot_trajectory(records: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     colors = {"SB": "tab:blue", "LB": "tab:red", "LB warm-started": "tab:green", "progressive": "tab:purple"}
     plotted = False
     for name, recs in records.items():

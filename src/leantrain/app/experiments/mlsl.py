@@ -257,7 +257,7 @@ def run_compression(profile: str, out: Path, seed: int = 0, device: str = "cpu")
     import numpy as np
 
     from leantrain.distributed import spawn
-    from leantrain.plots import curves, plt, save_figure
+    from leantrain.plots import curves, save_figure, subplots
 
     # Global batch 32 and 8 epochs: the fp32-baseline configuration whose seed spread (0.02) is the tolerance.
     epochs, batch, convex_steps, n_seeds = (8, 16, 250, 3) if profile == "quick" else (20, 16, 600, 5)
@@ -328,7 +328,7 @@ def run_compression(profile: str, out: Path, seed: int = 0, device: str = "cpu")
     curves(out / "convex_distance.png", {k: (list(range(1, len(v[0]) + 1)), v[0]) for k, v in convex.items()},
            xlabel="step", ylabel="||w - w*|| / ||w*||", title=f"Least squares on 2 ranks: error feedback (seed {seed})",
            logy=True)
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    fig, ax = subplots(figsize=(6.8, 4.4))
     for label in arms:
         r = metrics["runs"][label]
         ax.scatter([r["bytes_sent"] / 1e6] * len(r["final_test_accuracy"]), r["final_test_accuracy"], label=label)

@@ -20,7 +20,7 @@ import numpy as np
 from leantrain.app.registry import Claim, Result, Table, experiment
 from leantrain.app.runs import run_adam, run_lbfgs, run_pbqn, tune_sgd
 from leantrain.optim.problems import make_problem, reference_optimum
-from leantrain.plots import curves, plt, save_figure
+from leantrain.plots import curves, save_figure, subplots
 
 TIGHT = 1e-4  # reference relative suboptimality (F - F*) / F*, for the comparison with L-BFGS
 LOOSE = 1e-2  # the accuracy at which the comparison with SGD is made
@@ -68,7 +68,7 @@ def run_logreg(profile: str, out: Path, seed: int = 0, device: str = "cpu") -> R
     metrics: dict = {"datasets": {}, "seeds": seeds}
     claims, rows = [], []
     plots = []
-    fig_b, ax_b = plt.subplots(figsize=(6.4, 4.2))
+    fig_b, ax_b = subplots(figsize=(6.4, 4.2))
     for label, ds in datasets.items():
         ref = reference_optimum(make_problem("logreg", ds, device=device))
         fstar = ref["objective"]

@@ -178,9 +178,9 @@ def compare(setup: Setup, expert_dir: Path, out: Path, *, base_seed: int, device
 
 
 def _plot_training(out: Path, setup: Setup, results: list[dict]) -> str:
-    from leantrain.plots import plt, save_figure
+    from leantrain.plots import save_figure, subplots
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = subplots(1, 2, figsize=(11, 4))
     colors = {"GAIL": "tab:blue", "RAIL": "tab:red", "RAIL-sgd": "tab:green"}
     for r in results:
         h = r["history"]
