@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -388,59 +384,29 @@ def run_method(method: str, problem: Problem, *, max_passes: float = 20.0, seed:
 
 # -- distributed DANCE -------------------------------------------------------------------------
 
-def free_port() -> int:
-    """A TCP port on localhost that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _dance_worker(rank: int, world: int, port: int, spec: dict[str, Any], kwargs: dict[str, Any], out: str) -> None:
-    import torch.distributed as dist
-
-    from leantrain.storage import save_torch
-
-    torch.set_num_threads(1)
+def _dance_rank(rank: int, world: int, spec: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any] | None:
     device = spec.get("device", "cpu")
-    backend = "nccl" if str(device).startswith("cuda") else "gloo"
-    if backend == "nccl":
+    if str(device).startswith("cuda"):
         device = f"cuda:{rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        problem = make_problem(**{**spec, "device": device})
-        trace = run_dance(problem, **kwargs)
-        if rank == 0:
-            save_torch(out, {"trace": asdict(trace)})  # plain data: checkpoints hold no classes
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    trace = run_dance(make_problem(**{**spec, "device": device}), **kwargs)
+    return asdict(trace) if rank == 0 else None  # plain data crosses the process boundary
 
 
 def run_dance_distributed(spec: dict[str, Any], nproc: int, *, timeout_s: float = 300.0, **kwargs: Any) -> Trace:
     """DANCE on ``nproc`` local processes (gloo on CPU, NCCL when ``spec["device"]`` is CUDA).
 
     ``spec`` are the keyword arguments of :func:`make_problem` (each rank builds the same problem
-    and takes its shard); ``kwargs`` go to :func:`run_dance`. Rank 0's trace is returned; the
-    processes are ended after ``timeout_s`` seconds (RuntimeError).
+    and takes its shard); ``kwargs`` go to :func:`run_dance`. Rank 0's trace is returned. The processes
+    are started by :func:`leantrain.distributed.spawn` and ended after ``timeout_s`` seconds
+    (:class:`~leantrain.distributed.SpawnError`, a RuntimeError naming each rank's outcome).
     """
-    import torch.multiprocessing as mp
-
-    from leantrain.storage import load_torch
+    from leantrain.distributed.launch import default_backend, spawn
 
     if int(nproc) != nproc or nproc < 1:
         raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "trace.pt")
-        ctx = mp.start_processes(_dance_worker, args=(nproc, free_port(), spec, kwargs, out), nprocs=nproc,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                raise RuntimeError(f"distributed DANCE on {nproc} processes did not finish in {timeout_s:.0f} s")
-        return Trace(**load_torch(out)["trace"])
+    backend = default_backend(spec.get("device", "cpu"))
+    values = spawn(_dance_rank, int(nproc), (spec, kwargs), backend=backend, timeout_s=timeout_s,
+                   collective_timeout_s=120.0)
+    return Trace(**values[0])

@@ -99,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     if torchrun:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        rank = dist.get_rank()
+        from leantrain.distributed.launch import init_from_env
+
+        rank, _ = init_from_env(device)
         try:
             trace = run_dance(problem, max_passes=args.max_passes, seed=args.seed, **kwargs)
         finally:
