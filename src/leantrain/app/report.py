@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from leantrain.storage import remove_stale_temporaries, write_text
 
-__all__ = ["read_records", "per_seed_text", "SETTING_TITLE", "write_report", "render_markdown",
-           "render_html", "render_claims_table", "render_docs_index", "update_readme", "CLAIMS_MARKERS", "DOCS_MARKERS"]
+__all__ = ["read_records", "per_seed_text", "SETTING_TITLE", "write_report", "render_markdown", "render_html",
+           "report_document", "to_markdown", "to_html", "render_claims_table", "render_docs_index", "update_readme",
+           "CLAIMS_MARKERS", "DOCS_MARKERS"]
 
 
 def read_records(out: str | Path) -> list[dict[str, Any]]:
@@ -59,13 +61,6 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    esc = lambda s: _cell(s).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def per_seed_text(claim: dict[str, Any]) -> str:
     """A claim's per-seed values as text, ``"label: v1, v2, v3; ..."`` (empty when it has none)."""
     per = claim.get("per_seed") or {}
@@ -94,51 +89,187 @@ def _setting_rows(r: dict[str, Any]) -> list[list[Any]]:
 SETTING_TITLE = "The paper's setting beside ours"
 
 
-def render_markdown(records: list[dict[str, Any]]) -> str:
-    """The Markdown report of ``records``."""
-    parts = ["# leantrain reproduction report", ""]
-    parts.append("Each experiment reproduces a published claim at small scale. *Paper* shows the paper's "
-                 "own number where the method notes confirm it, else `not recovered`.")
-    parts.append("")
+# -- the report as a document: one model, two writers ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Span:
+    """Inline text; ``style`` is ``""`` (plain), ``"code"``, ``"strong"`` or ``"em"``; ``href`` makes it a link."""
+
+    text: str
+    style: str = ""
+    href: str = ""
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    spans: tuple[Span, ...]
+
+
+@dataclass(frozen=True)
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Caption:
+    """The title of the table below it (bold in Markdown, ``<h3>`` in HTML)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: list[Any]
+    rows: list[list[Any]]
+    verdict_col: int | None = None  # HTML colours this column's PASS/yes cells green, the others red
+
+
+@dataclass(frozen=True)
+class Image:
+    src: str
+    alt: str
+
+
+@dataclass(frozen=True)
+class Preformatted:
+    text: str
+
+
+@dataclass(frozen=True)
+class Notes:
+    """Free text in Markdown paragraphs (blank-line separated), as an experiment wrote it."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One experiment's part of the report (``<section id=anchor>`` in HTML)."""
+
+    anchor: str
+    blocks: tuple[Any, ...]
+
+
+TITLE = "leantrain reproduction report"
+
+
+def _p(*parts: str | Span) -> Paragraph:
+    return Paragraph(tuple(Span(x) if isinstance(x, str) else x for x in parts))
+
+
+def report_document(records: list[dict[str, Any]]) -> list[Any]:
+    """The report of ``records`` as a list of blocks, rendered by :func:`to_markdown` and :func:`to_html`."""
+    doc: list[Any] = [Heading(1, TITLE),
+                      _p("Each experiment reproduces a published claim at small scale. ", Span("Paper", "em"),
+                         " shows the paper's own number where the method notes confirm it, else ",
+                         Span("not recovered", "code"), ".")]
     summary = [[r["name"], f"arXiv:{r.get('arxiv', '')}", r.get("profile", ""), _verdict(r),
                 f"{sum(c['passed'] for c in r.get('claims', []))}/{len(r.get('claims', []))}",
                 f"{r.get('wall_time_s', 0):.1f}"] for r in records]
-    parts.append(_md_table(["experiment", "paper", "profile", "verdict", "claims passed", "wall time (s)"], summary))
+    doc.append(Table(["experiment", "paper", "profile", "verdict", "claims passed", "wall time (s)"], summary, 3))
     for r in records:
-        parts += ["", f"## {r['name']}: {r.get('title', '')}", ""]
-        parts.append(f"Paper: [arXiv:{r.get('arxiv')}](https://arxiv.org/abs/{r.get('arxiv')}). "
-                     f"Claim: {r.get('claim', '')}")
-        parts.append("")
-        parts.append(f"Verdict: **{_verdict(r)}**. Profile `{r.get('profile')}`, seed {r.get('seed')}, "
-                     f"wall time {r.get('wall_time_s', 0):.1f} s. Rerun: `{r.get('command', '')}`")
+        ax = str(r.get("arxiv", ""))
+        blocks: list[Any] = [
+            Heading(2, f"{r['name']}: {r.get('title', '')}"),
+            _p("Paper: ", Span(f"arXiv:{ax}", href=f"https://arxiv.org/abs/{ax}"), f". Claim: {r.get('claim', '')}"),
+            _p("Verdict: ", Span(_verdict(r), "strong"), ". Profile ", Span(str(r.get("profile")), "code"),
+               f", seed {r.get('seed')}, wall time {r.get('wall_time_s', 0):.1f} s. Rerun: ",
+               Span(str(r.get("command", "")), "code"))]
         if r.get("status") != "complete":
-            parts += ["", "```", str(r.get("error", "")).strip(), "```"]
-            continue
-        if r.get("setting"):
-            parts += ["", f"**{SETTING_TITLE}**", "", _md_table(["", "paper", "ours"], _setting_rows(r))]
-        if r.get("claims"):
-            parts += ["", _md_table(*_claim_rows(r))]
-        for t in r.get("tables", []):
-            parts += ["", f"**{t['title']}**", "", _md_table(t["headers"], t["rows"])]
-        for p in r.get("plots", []):
-            parts += ["", f"![{p}]({r['name']}/{p})"]
-        if r.get("notes"):
-            parts += ["", r["notes"].strip()]
-    return "\n".join(parts) + "\n"
+            blocks.append(Preformatted(str(r.get("error", "")).strip()))
+        else:
+            if r.get("setting"):
+                blocks += [Caption(SETTING_TITLE), Table(["", "paper", "ours"], _setting_rows(r))]
+            if r.get("claims"):
+                headers, rows = _claim_rows(r)
+                blocks.append(Table(headers, rows, len(headers) - 1))
+            for t in r.get("tables", []):
+                blocks += [Caption(t["title"]), Table(t["headers"], t["rows"])]
+            blocks += [Image(f"{r['name']}/{p}", p) for p in r.get("plots", [])]
+            if r.get("notes"):
+                blocks.append(Notes(r["notes"].strip()))
+        doc.append(Section(r["name"], tuple(blocks)))
+    return doc
 
 
-def _html_table(headers: list[str], rows: list[list[Any]], verdict_col: int | None = None) -> str:
-    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr></thead><tbody>"]
-    for row in rows:
+def _md_span(s: Span) -> str:
+    text = {"code": "`{}`", "strong": "**{}**", "em": "*{}*"}.get(s.style, "{}").format(s.text)
+    return f"[{text}]({s.href})" if s.href else text
+
+
+def _md_table(headers: list[Any], rows: list[list[Any]]) -> str:
+    esc = lambda s: _cell(s).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _md_block(b: Any) -> str:
+    if isinstance(b, Section):
+        return "\n\n".join(_md_block(x) for x in b.blocks)
+    if isinstance(b, Heading):
+        return "#" * b.level + " " + b.text
+    if isinstance(b, Paragraph):
+        return "".join(_md_span(s) for s in b.spans)
+    if isinstance(b, Caption):
+        return f"**{b.text}**"
+    if isinstance(b, Table):
+        return _md_table(b.headers, b.rows)
+    if isinstance(b, Image):
+        return f"![{b.alt}]({b.src})"
+    if isinstance(b, Preformatted):
+        return f"```\n{b.text}\n```"
+    if isinstance(b, Notes):
+        return b.text.strip()
+    raise TypeError(f"not a report block: {type(b).__name__}")
+
+
+def to_markdown(doc: list[Any]) -> str:
+    """Markdown of a :func:`report_document` (blocks separated by one blank line)."""
+    return "\n\n".join(_md_block(b) for b in doc) + "\n"
+
+
+def _html_span(s: Span) -> str:
+    text = html.escape(s.text)
+    tag = {"code": "code", "strong": "strong", "em": "em"}.get(s.style)
+    if tag:
+        text = f"<{tag}>{text}</{tag}>"
+    return f"<a href='{html.escape(s.href)}'>{text}</a>" if s.href else text
+
+
+def _html_table(t: Table) -> str:
+    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in t.headers) + "</tr></thead><tbody>"]
+    for row in t.rows:
         cells = []
         for i, c in enumerate(row):
             cls = ""
-            if i == verdict_col:
+            if i == t.verdict_col:
                 cls = " class='pass'" if str(c) in ("PASS", "yes") else " class='fail'"
             cells.append(f"<td{cls}>{html.escape(_cell(c))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
+
+
+def _html_block(b: Any) -> str:
+    if isinstance(b, Section):
+        return "\n".join([f"<section id='{html.escape(b.anchor)}'>", *(_html_block(x) for x in b.blocks), "</section>"])
+    if isinstance(b, Heading):
+        return f"<h{b.level}>{html.escape(b.text)}</h{b.level}>"
+    if isinstance(b, Paragraph):
+        return "<p>" + "".join(_html_span(s) for s in b.spans) + "</p>"
+    if isinstance(b, Caption):
+        return f"<h3>{html.escape(b.text)}</h3>"
+    if isinstance(b, Table):
+        return _html_table(b)
+    if isinstance(b, Image):
+        return f"<div><img src='{html.escape(b.src)}' alt='{html.escape(b.alt)}'></div>"
+    if isinstance(b, Preformatted):
+        return f"<pre>{html.escape(b.text)}</pre>"
+    if isinstance(b, Notes):
+        return "".join(f"<p>{html.escape(par)}</p>" for par in b.text.strip().split("\n\n"))
+    raise TypeError(f"not a report block: {type(b).__name__}")
 
 
 _CSS = """
@@ -153,45 +284,21 @@ section { border-top: 2px solid #ddd; margin-top: 2em; }
 """
 
 
+def to_html(doc: list[Any]) -> str:
+    """One self-contained HTML page of a :func:`report_document` (plots linked relatively)."""
+    head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(TITLE)}</title>\n"
+            f"<style>{_CSS}</style></head><body>")
+    return "\n".join([head, *(_html_block(b) for b in doc), "</body></html>"]) + "\n"
+
+
+def render_markdown(records: list[dict[str, Any]]) -> str:
+    """The Markdown report of ``records``."""
+    return to_markdown(report_document(records))
+
+
 def render_html(records: list[dict[str, Any]]) -> str:
     """The HTML report of ``records`` (one self-contained page; plots linked relatively)."""
-    h = ["<!doctype html><html><head><meta charset='utf-8'><title>leantrain reproduction report</title>",
-         f"<style>{_CSS}</style></head><body>", "<h1>leantrain reproduction report</h1>",
-         "<p>Each experiment reproduces a published claim at small scale. <em>Paper</em> shows the paper's own "
-         "number where the method notes confirm it, else <code>not recovered</code>.</p>"]
-    summary = [[r["name"], f"arXiv:{r.get('arxiv', '')}", r.get("profile", ""), _verdict(r),
-                f"{sum(c['passed'] for c in r.get('claims', []))}/{len(r.get('claims', []))}",
-                f"{r.get('wall_time_s', 0):.1f}"] for r in records]
-    h.append(_html_table(["experiment", "paper", "profile", "verdict", "claims passed", "wall time (s)"], summary, 3))
-    for r in records:
-        name = html.escape(r["name"])
-        h.append(f"<section id='{name}'><h2>{name}: {html.escape(r.get('title', ''))}</h2>")
-        ax = html.escape(str(r.get("arxiv", "")))
-        h.append(f"<p>Paper: <a href='https://arxiv.org/abs/{ax}'>arXiv:{ax}</a>. "
-                 f"Claim: {html.escape(r.get('claim', ''))}</p>")
-        h.append(f"<p>Verdict: <strong>{_verdict(r)}</strong>. Profile <code>{html.escape(str(r.get('profile')))}"
-                 f"</code>, seed {html.escape(str(r.get('seed')))}, wall time {r.get('wall_time_s', 0):.1f} s. "
-                 f"Rerun: <code>{html.escape(r.get('command', ''))}</code></p>")
-        if r.get("status") != "complete":
-            h.append(f"<pre>{html.escape(str(r.get('error', '')))}</pre></section>")
-            continue
-        if r.get("setting"):
-            h.append(f"<h3>{html.escape(SETTING_TITLE)}</h3>")
-            h.append(_html_table(["", "paper", "ours"], _setting_rows(r)))
-        if r.get("claims"):
-            headers, rows = _claim_rows(r)
-            h.append(_html_table(headers, rows, len(headers) - 1))
-        for t in r.get("tables", []):
-            h.append(f"<h3>{html.escape(t['title'])}</h3>")
-            h.append(_html_table(t["headers"], t["rows"]))
-        for p in r.get("plots", []):
-            src = html.escape(f"{r['name']}/{p}")
-            h.append(f"<div><img src='{src}' alt='{html.escape(p)}'></div>")
-        if r.get("notes"):
-            h.append("".join(f"<p>{html.escape(par)}</p>" for par in r["notes"].strip().split("\n\n")))
-        h.append("</section>")
-    h.append("</body></html>")
-    return "\n".join(h) + "\n"
+    return to_html(report_document(records))
 
 
 def write_report(out: str | Path) -> tuple[Path, Path]:
