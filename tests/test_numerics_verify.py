@@ -20,7 +20,7 @@ def test_verify_detects_a_wrong_rounding(monkeypatch, tmp_path):
     real = numerics.quantize
 
     def off_by_truncation(x, fmt, rounding="nearest", **kw):
-        return real(x, fmt, "truncate", native=False)
+        return real(x, fmt, "truncate", backend="bits")
 
     monkeypatch.setattr(numerics, "quantize", off_by_truncation)
     res = verify_numerics(exhaustive=False, samples=5000, seed=0, device="cpu")

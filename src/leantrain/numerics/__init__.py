@@ -9,6 +9,7 @@ from leantrain.numerics.formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, PRE
 from leantrain.numerics.gathered_gemm import gathered_int_gemm
 from leantrain.numerics.intmatmul import OVERFLOW_MODES, dfp_matmul, int_matmul, safe_chunk
 from leantrain.numerics.rounding import (
+    BACKENDS,
     ROUNDING_MODES,
     check_rounding,
     quantize,
@@ -19,7 +20,7 @@ from leantrain.numerics.rounding import (
 
 __all__ = [
     "FloatFormat", "FP32", "TF32", "BF16", "FP16", "FP8_E5M2", "FP8_E4M3", "PRESETS",
-    "ROUNDING_MODES", "check_rounding", "quantize", "round_to_integer", "round_low_bits", "stochastic_round_up",
+    "ROUNDING_MODES", "BACKENDS", "check_rounding", "quantize", "round_to_integer", "round_low_bits", "stochastic_round_up",
     "Quantizer", "quantize_ste",
     "to_dfp", "from_dfp", "dfp_round", "dfp_exponent", "mantissa_dtype",
     "int_matmul", "dfp_matmul", "safe_chunk", "OVERFLOW_MODES", "gathered_int_gemm",

@@ -26,13 +26,29 @@ Rounding modes (``rounding=``):
   device -> same result).
 - ``"truncate"``: round toward zero (clear the low bits), what cheap hardware does.
 
-Speed: stochastic :func:`round_to_integer` of float32 CPU tensors runs as one native pass
-(:mod:`leantrain.numerics.native`) fed with the same generator draws as the torch code, so the same bits.
-CPU tensors are processed in blocks of 64K elements so that the few integer passes stay in cache. For
-nearest-even the subnormal range of narrow formats is rounded by the FPU's own round-to-nearest-even
-(``(|x| + C) - C``, exact by construction), and BF16/FP16 nearest may use torch's native cast after a
-bit-for-bit probe (see :func:`quantize`); these are faster ways to compute the same rule, checked against
-the same oracles.
+Backends (``backend=`` of :func:`quantize` and :func:`round_to_integer`): one rule, one reference
+implementation, and faster implementations of the same rule that must agree with it bit for bit (given the
+same generator state; the tests check each against the reference, and the reference against ml_dtypes).
+
+- ``"reference"``: the general bit-level routine, for every format and mode: :func:`round_low_bits` on the
+  magnitude bits with a per-element shift, the fixed subnormal step below ``min_normal``, then the overflow,
+  saturation and special-value rules. For :func:`round_to_integer`: ``torch.round`` / ``torch.trunc`` (IEEE
+  operations) and, for stochastic, :func:`round_low_bits` below the binary point plus :func:`stochastic_round_up`.
+- ``"bits"``: torch bit-level fast paths where one applies, else the reference. 8-bit-exponent formats with
+  subnormals and no saturation round the raw float32 pattern with one constant shift (a carry into the
+  exponent is exact, overflow carries into inf); nearest-even in other formats rounds normals with a constant
+  shift and the subnormal range with the FPU's own round-to-nearest-even, ``(|x| + C) - C`` with
+  ``ulp(C)`` = the subnormal step (exact by construction).
+- ``"native"``: the machine's own implementation: torch's dtype cast for BF16/FP16 nearest-even (IEEE
+  specials, subnormals kept, no saturation), used only on a device where a probe (every special class,
+  subnormal boundaries, ties, random patterns) agreed bit for bit with the reference, and never while torch
+  flushes denormals; and the compiled kernel of :mod:`leantrain.numerics.native` for stochastic
+  :func:`round_to_integer` of float32 CPU tensors (fed with the same generator draws as the reference, so the
+  same bits). ValueError where no native implementation exists for the arguments.
+- ``"auto"`` (default): ``"native"`` where it exists and passed its probe, else ``"bits"``: the fastest.
+
+CPU tensors are processed in blocks of 64K elements so that the few integer passes stay in cache (every
+backend draws its random bits per block, which is why they agree given one generator state).
 """
 
 from __future__ import annotations
@@ -42,10 +58,11 @@ import torch
 from leantrain.numerics.formats import FloatFormat, float32_bits
 from leantrain.numerics.native import native_library
 
-__all__ = ["ROUNDING_MODES", "check_rounding", "check_float", "check_generator", "round_low_bits", "round_to_integer",
-           "stochastic_round_up", "quantize"]
+__all__ = ["ROUNDING_MODES", "BACKENDS", "check_rounding", "check_backend", "check_float", "check_generator",
+           "round_low_bits", "round_to_integer", "stochastic_round_up", "quantize"]
 
 ROUNDING_MODES = ("nearest", "stochastic", "truncate")
+BACKENDS = ("auto", "reference", "bits", "native")
 
 _INF = 0x7F800000
 _NAN = 0x7FC00000
@@ -61,6 +78,13 @@ def check_rounding(rounding: str, arg: str = "rounding") -> str:
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"{arg} must be one of {ROUNDING_MODES}, got {rounding!r}")
     return rounding
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it is one of :data:`BACKENDS`, else raise ValueError naming the argument."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_float(x: object, arg: str = "x") -> torch.Tensor:
@@ -152,7 +176,8 @@ def stochastic_round_up(y: torch.Tensor, *, generator: torch.Generator | None = 
     return u < y.to(torch.float64)
 
 
-def round_to_integer(x: torch.Tensor, rounding: str = "nearest", *, generator: torch.Generator | None = None) -> torch.Tensor:
+def round_to_integer(x: torch.Tensor, rounding: str = "nearest", *, generator: torch.Generator | None = None,
+                     backend: str = "auto") -> torch.Tensor:
     """Round a float tensor to integer values (same dtype, new tensor).
 
     ``"nearest"``: ties to even (``torch.round``); ``"truncate"``: toward zero; ``"stochastic"``:
@@ -161,22 +186,33 @@ def round_to_integer(x: torch.Tensor, rounding: str = "nearest", *, generator: t
     ``|x| >= 1`` adds uniform random bits below the binary point of the bit pattern (exact probability);
     for ``|x| < 1`` and for float64 it is :func:`stochastic_round_up` (exact to ``2^-53``).
     NaN and +-inf pass through; the sign of zero is kept. Not differentiable (the result is detached).
+    ``backend`` as in the module doc: only stochastic rounding of float32 (or narrower) CPU tensors has a
+    native kernel besides the reference.
     """
     check_float(x)
     check_rounding(rounding)
     check_generator(generator)
+    check_backend(backend)
     x = x.detach()
     if rounding == "nearest":
         return torch.round(x)
     if rounding == "truncate":
         return torch.trunc(x)
     if x.dtype == torch.float64:
+        if backend == "native":
+            raise ValueError("backend='native': no native stochastic round_to_integer for float64; "
+                             "use backend='auto' or 'reference'")
         mag = x.abs()
         low = torch.floor(mag)
         up = stochastic_round_up(mag - low, generator=generator)
         return torch.copysign(low + up.to(x.dtype), x)
     xf = x.to(torch.float32).contiguous()
-    lib = native_library() if xf.device.type == "cpu" and xf.numel() else None
+    lib = native_library() if backend in ("auto", "native") and xf.device.type == "cpu" else None
+    if backend == "native" and lib is None:
+        raise ValueError(f"backend='native': no native stochastic round_to_integer for a {xf.device.type} tensor "
+                         "here (CPU tensors and a C compiler are needed); use backend='auto' or 'reference'")
+    if lib is not None and not xf.numel():
+        return xf.to(x.dtype)
     if lib is not None:  # the same rule and the same draws in one native pass (leantrain.numerics.native)
         rbits = torch.empty(xf.shape, dtype=torch.int32)
         _uniform_bits(rbits, 31, generator)
@@ -213,7 +249,7 @@ def quantize(
     rounding: str = "nearest",
     *,
     generator: torch.Generator | None = None,
-    native: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Round ``x`` to the values of ``fmt``; returns a new float32 tensor (same shape and device).
 
@@ -245,17 +281,16 @@ def quantize(
         fmt: target format.
         rounding: ``"nearest"``, ``"stochastic"`` or ``"truncate"``.
         generator: random source for ``"stochastic"`` (default: torch's global generator).
-        native: for BF16 and FP16 nearest (ieee, subnormals kept, no saturation) use torch's own conversion
-            ``x.to(bfloat16/float16).float()``, which implements the same rule in one fused pass, but only on
-            a device where a probe (every special class, subnormal boundaries, ties, random patterns) showed
-            it agrees bit for bit with the bit-level routine, and never while torch flushes denormals.
-            ``False`` always uses the bit-level routine.
+        backend: ``"auto"`` (default, the fastest that applies), ``"reference"``, ``"bits"`` or ``"native"``
+            (module doc). All compute the same bits; ``"native"`` (torch's cast, BF16/FP16 nearest only)
+            raises ValueError where it does not apply or its probe failed on this device.
     """
     check_float(x)
     if not isinstance(fmt, FloatFormat):
         raise TypeError(f"fmt must be a FloatFormat, got {type(fmt).__name__}")
     check_rounding(rounding)
     check_generator(generator)
+    check_backend(backend)
     xf = x.detach().to(torch.float32)
     if rounding == "truncate" and x.dtype == torch.float64:
         # Truncation must not round away from zero on the way to float32 (which would also turn a finite
@@ -263,15 +298,21 @@ def quantize(
         away = xf.abs() > x.detach().abs()
         xf = torch.where(away, torch.nextafter(xf, torch.zeros_like(xf)), xf)
     xf = xf.contiguous()
-    if native and rounding == "nearest":
-        dtype = _native_dtype(fmt, xf.device)
+    if backend in ("auto", "native"):
+        dtype = _native_dtype(fmt, xf.device) if rounding == "nearest" else None
         if dtype is not None:
             return xf.to(dtype).to(torch.float32)
-    return _quantize_bits(xf, fmt, rounding, generator)
+        if backend == "native":
+            raise ValueError(f"backend='native': torch has no verified cast for {fmt} {rounding} on {xf.device} "
+                             "(only BF16/FP16 nearest, IEEE specials, subnormals, no saturation, denormals not "
+                             "flushed); use backend='auto', 'bits' or 'reference'")
+    return _quantize_bits(xf, fmt, rounding, generator, reference=backend == "reference")
 
 
-def _quantize_bits(xf: torch.Tensor, fmt: FloatFormat, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
-    """The bit-level routine on a contiguous float32 tensor (arguments already checked)."""
+def _quantize_bits(xf: torch.Tensor, fmt: FloatFormat, rounding: str, generator: torch.Generator | None, *,
+                   reference: bool = False) -> torch.Tensor:
+    """The bit-level routines on a contiguous float32 tensor (arguments already checked): the general
+    reference block, or (``reference=False``) a fast block where one applies."""
     out = torch.empty_like(xf)
     n = xf.numel()
     if n == 0:
@@ -281,7 +322,9 @@ def _quantize_bits(xf: torch.Tensor, fmt: FloatFormat, rounding: str, generator:
     xflat = xf.view(-1)
     # m = 0 excluded: the tie parity is then the hidden bit, which the raw pattern does not hold.
     fast = fmt.exp_bits == 8 and fmt.man_bits > 0 and fmt.subnormals and not fmt.saturating
-    if fast:
+    if reference:
+        block = _quantize_block
+    elif fast:
         block = _quantize_block_e8
     elif rounding == "nearest" and not (fmt.exp_bits == 8 and fmt.man_bits == 0 and fmt.subnormals):
         # (e=8, m=0 with subnormals would need fp32-subnormal arithmetic in the FPU trick: general block.)
@@ -311,7 +354,7 @@ def _denormals_flushed(device: torch.device) -> bool:
 
 
 def _native_probe(dtype: torch.dtype, fmt: FloatFormat, device: torch.device) -> bool:
-    """Does torch's cast to ``dtype`` agree bit for bit with the bit-level routine on this device?"""
+    """Does torch's cast to ``dtype`` agree bit for bit with the reference routine on this device?"""
     gen = torch.Generator().manual_seed(12345)
     rand = torch.randint(-(2**31), 2**31, (1 << 16,), generator=gen, dtype=torch.int64).to(torch.int32)
     special = [0, _INF, _NAN, 0x7F800001, 0x7FFFFFFF, 0x7F7FFFFF, 1, 0x007FFFFF, 0x00800000]
@@ -325,13 +368,13 @@ def _native_probe(dtype: torch.dtype, fmt: FloatFormat, device: torch.device) ->
     bits = torch.cat([bits, bits | _SIGN]).to(device)
     x = bits.view(torch.float32)
     a = x.to(dtype).to(torch.float32)
-    b = _quantize_bits(x, fmt, "nearest", None)
+    b = _quantize_bits(x, fmt, "nearest", None, reference=True)
     same = (a.view(torch.int32) == b.view(torch.int32)) | (torch.isnan(a) & torch.isnan(b))
     return bool(same.all())
 
 
 def _native_dtype(fmt: FloatFormat, device: torch.device) -> torch.dtype | None:
-    """torch's dtype for ``fmt`` if its nearest-even cast can stand in for the bit-level routine here, else None."""
+    """torch's dtype for ``fmt`` if its nearest-even cast can stand in for the reference here, else None."""
     dtype = _NATIVE_TYPES.get((fmt.exp_bits, fmt.man_bits))
     if dtype is None or not fmt.subnormals or fmt.saturating or fmt.special != "ieee":
         return None
@@ -410,6 +453,7 @@ class _NearestBlock:
 
 
 def _quantize_block(u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:
+    """The reference: every format, every mode (module doc, ``backend="reference"``)."""
     m = fmt.man_bits
     d = 23 - m
     max_bits = float32_bits(fmt.max_normal)

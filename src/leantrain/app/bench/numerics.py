@@ -4,8 +4,8 @@ Rows (16M float32 elements, 1M with ``--quick``), each candidate interleaved wit
 
 - ``quantize`` BF16 nearest, BF16 stochastic, FP16 nearest, FP8_E4M3 nearest, and ``to_dfp`` (16 bits) vs the
   native cast ``x.to(torch.bfloat16).float()``; ``throughput_ratio`` = ours / native. BF16/FP16 nearest
-  use torch's probed native conversion by default, so they are also shown with ``native=False`` (the
-  bit-level routine alone).
+  use torch's probed native conversion by default (``backend="auto"``), so they are also shown with
+  ``backend="bits"`` (the bit-level fast path alone) and ``backend="reference"`` (the reference routine).
 - if ``qtorch`` (QPyTorch, the ``peers`` extra) imports: the same formats vs ``qtorch.quant.float_quantize``
   (its ``float_quantize`` has no special-value handling: same work, fewer rules).
 - ``dfp_matmul`` (INT16 operands, INT32 accumulator) vs ``torch.matmul`` in float32 on the same shapes.
@@ -48,8 +48,10 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         ("quantize FP8_E4M3 nearest", FP8_E4M3, "nearest", lambda: quantize(x, FP8_E4M3)),
     ]
     extra = [
-        ("quantize BF16 nearest, bit-level (native=False)", None, None, lambda: quantize(x, BF16, native=False)),
-        ("quantize FP16 nearest, bit-level (native=False)", None, None, lambda: quantize(x, FP16, native=False)),
+        ("quantize BF16 nearest, bit-level (backend='bits')", None, None, lambda: quantize(x, BF16, backend="bits")),
+        ("quantize FP16 nearest, bit-level (backend='bits')", None, None, lambda: quantize(x, FP16, backend="bits")),
+        ("quantize BF16 nearest, reference (backend='reference')", None, None,
+         lambda: quantize(x, BF16, backend="reference")),
         ("to_dfp 16 bits", None, None, lambda: to_dfp(x, 16)),
     ]
     rows, checks = [], []

@@ -4,9 +4,9 @@ Oracles: ml_dtypes (bfloat16, float8_e4m3fn, float8_e5m2, and the further float8
 numpy float16. Cases: every special class (signed zeros, infinities, NaN payloads, float32 subnormals,
 each format's boundaries with their float32 neighbours, every midpoint between neighbouring values of the
 narrow format) and random float32 bit patterns. ``--exhaustive`` adds all 2^32 float32 bit patterns for BF16
-and FP16 nearest. Both implementations are checked: ``quantize`` as users call it (``native=True``: BF16/FP16
-may use torch's probed cast) and the bit-level routine alone (``native=False``). Any NaN equals any NaN;
-everything else must match bit for bit. Exit status 1 on any mismatch.
+and FP16 nearest. Every backend of :func:`leantrain.numerics.quantize` is checked: ``"auto"`` as users call it
+(BF16/FP16 may use torch's probed cast), the bit-level fast paths (``"bits"``) and the reference routine
+(``"reference"``). Any NaN equals any NaN; everything else must match bit for bit. Exit status 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -60,7 +60,14 @@ def _oracle(bits, dtype):
         return bits.view(np.float32).astype(dtype).astype(np.float32)
 
 
-def _mismatches(bits, fmt, dtype, device: str, native: bool, ref=None) -> int:
+BACKENDS = ("auto", "bits", "reference")
+
+
+def _path(backend: str) -> str:
+    return "quantize" if backend == "auto" else f"quantize({backend})"
+
+
+def _mismatches(bits, fmt, dtype, device: str, backend: str, ref=None) -> int:
     """Number of float32 bit patterns (int32 numpy array) where quantize disagrees with ``astype(dtype)``."""
     import numpy as np
     import torch
@@ -70,7 +77,7 @@ def _mismatches(bits, fmt, dtype, device: str, native: bool, ref=None) -> int:
     x = bits.view(np.float32)
     if ref is None:
         ref = _oracle(bits, dtype)
-    ours = quantize(torch.from_numpy(x).to(device), fmt, native=native).cpu().numpy()
+    ours = quantize(torch.from_numpy(x).to(device), fmt, backend=backend).cpu().numpy()
     same = (ours.view(np.int32) == ref.view(np.int32)) | (np.isnan(ours) & np.isnan(ref))
     if fmt.special == "finite":  # no NaN encoding: ml_dtypes returns -0, we keep NaN (documented)
         same |= np.isnan(x) & np.isnan(ours)
@@ -113,29 +120,27 @@ def verify_numerics(*, exhaustive: bool, samples: int, seed: int, device: str, c
     for fmt, dtype in _oracles():
         special = _special_patterns(fmt, dtype)
         rand = rng.integers(-(2**31), 2**31, size=samples, dtype=np.int64).astype(np.int32)
-        # native=True differs from the bit-level routine only where torch has the type (BF16, FP16)
-        for native in (True, False) if fmt.name in ("BF16", "FP16") else (True,):
-            path = "quantize" if native else "quantize(native=False)"
-            checks.append({"format": fmt.name, "path": path, "cases": "special classes", "n": int(special.size),
-                           "mismatches": _mismatches(special, fmt, dtype, device, native)})
-            checks.append({"format": fmt.name, "path": path, "cases": "random bit patterns", "n": int(rand.size),
-                           "mismatches": _mismatches(rand, fmt, dtype, device, native)})
+        for backend in BACKENDS:
+            checks.append({"format": fmt.name, "path": _path(backend), "cases": "special classes",
+                           "n": int(special.size), "mismatches": _mismatches(special, fmt, dtype, device, backend)})
+            checks.append({"format": fmt.name, "path": _path(backend), "cases": "random bit patterns",
+                           "n": int(rand.size), "mismatches": _mismatches(rand, fmt, dtype, device, backend)})
     if exhaustive:
         fmts = [(f, d) for f, d in _oracles() if f.name in ("BF16", "FP16")]
         step = 1 << chunk_bits
         with tqdm(total=len(fmts) * (1 << 32), unit="pattern", unit_scale=True, desc="exhaustive", mininterval=2.0) as bar:
             for fmt, dtype in fmts:
-                bad = {True: 0, False: 0}
+                bad = dict.fromkeys(BACKENDS, 0)
                 t0 = time.perf_counter()
                 for start in range(-(2**31), 2**31, step):
                     bits = np.arange(start, start + step, dtype=np.int64).astype(np.int32)
-                    ref = _oracle(bits, dtype)  # computed once, compared with both implementations
-                    for native in (True, False):
-                        bad[native] += _mismatches(bits, fmt, dtype, device, native, ref=ref)
+                    ref = _oracle(bits, dtype)  # computed once, compared with every backend
+                    for backend in BACKENDS:
+                        bad[backend] += _mismatches(bits, fmt, dtype, device, backend, ref=ref)
                     bar.update(step)
-                for native in (True, False):
-                    check = {"format": fmt.name, "path": "quantize" if native else "quantize(native=False)",
-                             "cases": "all 2^32 float32 bit patterns", "n": 1 << 32, "mismatches": bad[native],
+                for backend in BACKENDS:
+                    check = {"format": fmt.name, "path": _path(backend),
+                             "cases": "all 2^32 float32 bit patterns", "n": 1 << 32, "mismatches": bad[backend],
                              "seconds": time.perf_counter() - t0}
                     checks.append(check)
                     bar.write(f"{check['format']} {check['path']}: {check['mismatches']} mismatches in all 2^32 patterns")
