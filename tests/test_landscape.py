@@ -120,16 +120,29 @@ def test_sharpness_subspace_matches_enumeration_in_the_subspace():
     assert hits >= 2
 
 
-def test_sharpness_is_nonnegative_and_independent_of_dataset_size():
+def test_sharpness_of_a_network_is_the_loss_at_its_maximizer_in_the_box_and_independent_of_dataset_size():
     torch.manual_seed(0)
     x = torch.randn(60, 5, dtype=F64)
     y = torch.randint(0, 3, (60,))
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(F64)
     loss = nn.functional.cross_entropy
-    r1 = sharpness(model, loss, (x, y), epsilon=1e-3, iters=5, seed=3)
-    r2 = sharpness(model, loss, (torch.cat([x, x]), torch.cat([y, y])), epsilon=1e-3, iters=5, seed=3, batch_size=7)
-    assert r1.value >= 0
+    eps = 1e-3
+    r1 = sharpness(model, loss, (x, y), epsilon=eps, iters=5, seed=3)
+    r2 = sharpness(model, loss, (torch.cat([x, x]), torch.cat([y, y])), epsilon=eps, iters=5, seed=3, batch_size=7)
     assert r2.value == pytest.approx(r1.value, rel=1e-9)  # f is a mean: duplicating the data changes nothing
+    # Recomputed independently: the maximizer lies in the box |y_i| <= eps (|x_i| + 1) (A = I), and phi is
+    # 100 (f(x + y*) - f(x)) / (1 + f(x)) evaluated on a moved copy of the model in float64.
+    x0 = nn.utils.parameters_to_vector(model.parameters()).detach()
+    ystar = torch.from_numpy(np.asarray(r1.maximizer)).to(F64)
+    assert ystar.shape == x0.shape
+    assert bool((ystar.abs() <= eps * (x0.abs() + 1) * (1 + 1e-12)).all())
+    moved = copy.deepcopy(model)
+    nn.utils.vector_to_parameters(x0 + ystar, moved.parameters())
+    with torch.no_grad():
+        f0, f1 = float(loss(model(x), y)), float(loss(moved(x), y))
+    assert r1.loss == pytest.approx(f0, rel=1e-12) and r1.max_loss == pytest.approx(f1, rel=1e-9)
+    assert r1.value == pytest.approx(100 * (f1 - f0) / (1 + f0), rel=1e-9)
+    assert f1 > f0  # off a minimizer (random weights, non-zero gradient) some point of the box is higher
 
 
 # --- Hessian ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def test_sharpness_cli_matches_the_library_on_a_fit_checkpoint(checkpoints, caps
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     (r,) = out["sharpness"]
-    assert r["subspace"] == 20 and r["epsilon"] == 1e-3 and r["value"] >= 0
+    assert r["subspace"] == 20 and r["epsilon"] == 1e-3
     data = load_dataset("digits")
     ref = sharpness(load_model(a), nn.functional.cross_entropy, data.train, epsilon=1e-3, subspace=20, iters=4, seed=3)
     assert r["value"] == pytest.approx(ref.value, rel=1e-6)

@@ -28,6 +28,7 @@ from leantrain.precision import (
     emulation_of,
     get_policy,
     restore,
+    round_optimizer_state,
     unsupported_layers,
 )
 from leantrain.train import fit
@@ -357,6 +358,36 @@ def test_bf16_master_weights_ablation_loses_small_updates() -> None:
     hooks.backward(w(torch.ones(1, 4)).sum())
     hooks.step(opt)  # update 1e-4 < half an ulp of 1.0 in BF16 (2^-8): lost
     assert torch.equal(w.weight.detach(), torch.ones(1, 4))
+
+
+def test_optimizer_state_rounding_draws_from_the_seeded_streams_not_the_global_rng() -> None:
+    from leantrain.numerics import BF16, quantize
+
+    pol = get_policy("bf16").replace(name="bf16-adam-state", optimizer_state=FloatSpec(BF16, "stochastic"))
+
+    def step(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        w = nn.Linear(64, 32)
+        opt = torch.optim.Adam(w.parameters(), lr=1e-3)
+        hooks = PrecisionHooks(pol, seed=seed)
+        hooks.wrap(w, opt)
+        hooks.backward(w(torch.randn(8, 64)).square().sum())
+        before = torch.random.get_rng_state()
+        hooks.step(opt)
+        assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is untouched
+        return [v for st in opt.state.values() for v in st.values() if v.dim() > 0]
+
+    a, b, c = step(5), step(5), step(6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # reproducible from the seed
+    assert any(not torch.equal(x, y) for x, y in zip(a, c))  # and the seed matters
+    for v in a:  # every moment is a BF16 value
+        assert torch.equal(v, quantize(v, BF16))
+    p = nn.Parameter(torch.ones(2))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(2)
+    sgd.step()  # now there is a momentum buffer to round
+    with pytest.raises(ValueError, match="streams"):
+        round_optimizer_state(sgd, FloatSpec(BF16, "stochastic"))
 
 
 def test_stochastic_rounding_resume_is_bit_identical(tmp_path) -> None:

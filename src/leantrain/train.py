@@ -6,7 +6,7 @@ layers plug in through :class:`Hooks` (wrap the model/optimizer, replace ``backw
 ``step``), never by editing the loop.
 
 Determinism and resume. The sample order of epoch ``e`` is
-``torch.randperm(n, generator=Generator().manual_seed(seed * 1_000_003 + e))``: it depends only
+``torch.randperm(n, generator=Generator().manual_seed(derive_seed(seed, e)))``: it depends only
 on ``(seed, epoch)``. A checkpoint (written atomically every ``checkpoint_every`` optimizer
 steps and at the end) stores the model, optimizer, hooks state, epoch, position in the epoch,
 history and the torch/numpy/python RNG states. Resuming restores all of them and skips the
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from leantrain.seeds import derive_seed
 from leantrain.storage import load_torch, remove_stale_temporaries, save_torch
 from leantrain.validation import check_seed
 
@@ -104,7 +105,7 @@ class History:
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of ``epoch``: a permutation fixed by ``(seed, epoch)`` alone."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     return torch.randperm(n, generator=g)
 
 
@@ -254,7 +255,7 @@ def fit(
     A checkpoint of another model or optimizer class is a ValueError naming the file. A failed
     checkpoint write raises :class:`CheckpointWriteError`, which carries the history so far.
     """
-    check_seed("seed", seed)  # epoch orders are seeded with seed * 1_000_003 + epoch, which must fit 64 bits
+    check_seed("seed", seed)  # epoch orders are seeded with derive_seed(seed, epoch), which must fit 64 bits
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:

@@ -30,14 +30,17 @@ import numbers
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from leantrain.seeds import SEED_STRIDE
+
 __all__ = ["UsageError", "check_finite", "check_positive", "check_range", "check_choice", "check_int",
            "check_bool", "check_seed", "int_arg", "float_arg", "SEED_MAX"]
 
 T = TypeVar("T")
 
-#: Largest accepted random seed: ``torch.manual_seed`` takes seeds in ``[0, 2**64)``, and the
-#: training loop derives per-epoch seeds ``seed * 1_000_003 + epoch`` that must stay in that range too.
-SEED_MAX = 2**63 // 1_000_004
+#: Largest accepted random seed: ``torch.manual_seed`` takes seeds in ``[0, 2**64)``, and the streams
+#: derived from a seed (:func:`leantrain.seeds.derive_seed`, ``seed * SEED_STRIDE + index``) must stay below
+#: ``2**63`` for every index below ``SEED_STRIDE``.
+SEED_MAX = 2**63 // (SEED_STRIDE + 1)
 
 
 class UsageError(ValueError):

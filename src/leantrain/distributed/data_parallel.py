@@ -50,6 +50,7 @@ from leantrain.distributed.exchange import AllReduceExchange, CompressedExchange
 from leantrain.distributed.scheduler import ExchangeScheduler
 from leantrain.distributed.sharded_optimizer import ShardedOptimizer
 from leantrain.distributed.timeline import BucketStats, StepStats, Timeline, busy_time
+from leantrain.seeds import derive_seed
 
 __all__ = ["DataParallelModule", "UnusedParameterError", "BUFFER_MODES"]
 
@@ -118,7 +119,7 @@ class DataParallelModule(nn.Module):
         broadcast_buffers: ``True``/``"broadcast"`` (copy buffers from data rank 0 at forward, as DDP),
             ``"average"`` (average floating buffers at the end of backward) or ``False``/``"none"``.
         broadcast: copy parameters and buffers from data rank 0 at construction, so replicas start equal.
-        seed: seeds this rank's stochastic rounding (``seed * 1_000_003 + global rank``, mixed with the step and
+        seed: seeds this rank's stochastic rounding (``derive_seed(seed, global rank)``, mixed with the step and
             the bucket index, see :class:`.exchange.CompressedExchange`).
         trace: record a :class:`~leantrain.distributed.timeline.Timeline` of compute and communication spans.
 
@@ -160,7 +161,7 @@ class DataParallelModule(nn.Module):
         self.priority, self.overlap, self.distributed_update = bool(priority), bool(overlap), bool(distributed_update)
         self.find_unused_parameters = bool(find_unused_parameters)
         self.buffer_mode = buffers
-        self.generator = torch.Generator(device=self._device()).manual_seed(seed * 1_000_003 + self.distribution.rank)
+        self.generator = torch.Generator(device=self._device()).manual_seed(derive_seed(seed, self.distribution.rank))
         self.timeline = Timeline(self.distribution.rank, enabled=trace)
         self.stats: list[StepStats] = []
         self._names = {p: n for n, p in module.named_parameters()}
@@ -172,7 +173,7 @@ class DataParallelModule(nn.Module):
         if self.compressed:
             self._strategy: Exchange = CompressedExchange(self.group, self.compression, self.generator,
                                                           sharded=self.distributed_update,
-                                                          seed=seed * 1_000_003 + self.distribution.rank)
+                                                          seed=derive_seed(seed, self.distribution.rank))
         elif self.distributed_update:
             self._strategy = ReduceScatterExchange(self.group)
         else:

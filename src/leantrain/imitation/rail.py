@@ -94,6 +94,7 @@ from leantrain.imitation.risk import (
 )
 from leantrain.imitation.trajectories import ExpertTrajectories, RolloutBatch
 from leantrain.imitation.trpo import trpo_step
+from leantrain.seeds import derive_seed
 
 __all__ = ["RAILConfig", "RAIL", "gae", "NU_MODES"]
 
@@ -243,7 +244,7 @@ class RAIL:
         seeds fixed by the iteration."""
         return collect(self.envs, self.act, min_steps=self.config.batch_steps,
                        min_episodes=self.config.min_trajectories, progress=progress,
-                       seed=self.seed * 1_000_003 + self.iteration * self.config.n_envs)
+                       seed=derive_seed(self.seed, self.iteration * self.config.n_envs))
 
     # ------------------------------------------------------------------------------------- update
     def _tensor(self, x: np.ndarray) -> torch.Tensor:

@@ -87,6 +87,7 @@ from torch.optim import Optimizer
 from leantrain.numerics.flat import add_flat_, flatten, set_flat_
 from leantrain.optim.objective import BatchLoss, IndexClosure
 from leantrain.optim.sampler import ProgressiveSampler, overlap_size
+from leantrain.seeds import derive_seed
 
 __all__ = ["PBQN", "two_loop", "quadratic_forms", "powell_damping", "SampleTest", "inner_product_test", "variance_test",
            "orthogonality_test", "initial_steplength", "finite_population_correction", "chunk_bounds", "chunk_seed"]
@@ -235,8 +236,9 @@ def chunk_bounds(batch_size: int, groups: int, cuts: Iterable[int] = ()) -> list
 
 def chunk_seed(seed: int, iteration: int, chunk: int) -> int:
     """The global-RNG seed under which PBQN evaluates micro-batch ``chunk`` in ``iteration``:
-    ``(seed * 1000003 + iteration * 7919 + chunk) mod (2^63 - 1)``."""
-    return (int(seed) * 1_000_003 + int(iteration) * 7919 + int(chunk)) % (2**63 - 1)
+    ``derive_seed(seed, iteration * 7919 + chunk) mod (2^63 - 1)`` (:func:`leantrain.seeds.derive_seed`; 7919, a
+    prime above any number of micro-batches, keeps the chunks of one iteration apart)."""
+    return derive_seed(seed, int(iteration) * 7919 + int(chunk)) % (2**63 - 1)
 
 
 _COUNTERS = ("iterations", "pairs_stored", "pairs_skipped", "pairs_damped", "backtracks", "alpha0_accepted",
@@ -257,7 +259,7 @@ class PBQN(Optimizer):
         curvature: ``"multi-batch"`` (pairs on the overlap; needs ``sampler.overlap > 0``) or
             ``"full-overlap"`` (one extra gradient per iteration).
         update: ``"skip"`` (store a pair only if ``y^T s > eps ||s||^2``) or ``"powell"`` (damping).
-        eps: curvature threshold of the skip rule.
+        eps: curvature threshold of the skip rule, absolute (>= 0; default 1e-8, see docs/optim.md).
         c1, tau, max_backtracks: Armijo constant (1e-4), backtracking factor (0.5), at most 10 backtracks.
         variance: how the per-sample variances are estimated: ``"groups"`` (default) from the
             gradients of ``groups`` micro-batches (plain forward/backward passes, so BatchNorm and

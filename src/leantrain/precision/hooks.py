@@ -19,6 +19,7 @@ from torch import nn
 from leantrain.numerics import quantize
 from leantrain.precision.emulate import emulate, emulation_of
 from leantrain.precision.instrument import Recorder
+from leantrain.precision.operands import RandomStreams
 from leantrain.precision.policy import FloatSpec, Policy, get_policy
 from leantrain.precision.scaling import LossScaler
 from leantrain.train import Hooks
@@ -26,24 +27,41 @@ from leantrain.train import Hooks
 __all__ = ["PrecisionHooks", "round_parameters", "round_optimizer_state"]
 
 
+def _stream(spec: FloatSpec, streams: RandomStreams | None, device: torch.device, what: str) -> torch.Generator | None:
+    if spec.rounding != "stochastic":
+        return None
+    if streams is None:
+        raise ValueError(f"stochastic rounding of {what} needs streams= (a seeded RandomStreams, e.g. "
+                         "emulation_of(model).streams): the global random generator is never used")
+    return streams.get(device)
+
+
 @torch.no_grad()
-def round_parameters(model: nn.Module, spec: FloatSpec, generator: torch.Generator | None = None) -> None:
+def round_parameters(model: nn.Module, spec: FloatSpec, streams: RandomStreams | None = None) -> None:
     """Round every floating parameter of ``model`` in place to ``spec`` (the stored-weight ablation:
-    an update smaller than half an ulp of the weight is lost)."""
+    an update smaller than half an ulp of the weight is lost).
+
+    Stochastic rounding draws from ``streams`` (one seeded generator per device, as the GEMM operands do), in
+    parameter order, so a run is reproducible from its seed and checkpoint and leaves the global RNG alone.
+    """
     for p in model.parameters():
         if p.is_floating_point():
-            p.copy_(quantize(p, spec.format, spec.rounding, generator=generator))
+            p.copy_(quantize(p, spec.format, spec.rounding, generator=_stream(spec, streams, p.device, "parameters")))
 
 
 @torch.no_grad()
-def round_optimizer_state(optimizer: torch.optim.Optimizer, spec: FloatSpec,
-                          generator: torch.Generator | None = None) -> None:
+def round_optimizer_state(optimizer: torch.optim.Optimizer, spec: FloatSpec, streams: RandomStreams | None = None) -> None:
     """Round every floating, non-scalar optimizer state tensor (momentum, Adam moments) in place.
-    Scalar state (step counters) stays as it is."""
-    for state in optimizer.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
-                v.copy_(quantize(v, spec.format, spec.rounding, generator=generator))
+
+    Scalar state (step counters) stays as it is. Stochastic rounding draws from ``streams`` (seeded, one
+    generator per device) in the optimizer's parameter-group order, never from the global RNG.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for v in optimizer.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
+                    gen = _stream(spec, streams, v.device, "optimizer state")
+                    v.copy_(quantize(v, spec.format, spec.rounding, generator=gen))
 
 
 class PrecisionHooks(Hooks):
@@ -88,13 +106,11 @@ class PrecisionHooks(Hooks):
             optimizer.step()
             taken = True
         if taken and self.model is not None:
-            gen = None
+            streams = emulation_of(self.model).streams  # type: ignore[union-attr]
             if self.policy.master_weights is not None:
-                if self.policy.master_weights.rounding == "stochastic":
-                    gen = emulation_of(self.model).streams.get(next(self.model.parameters()).device)  # type: ignore[union-attr]
-                round_parameters(self.model, self.policy.master_weights, gen)
+                round_parameters(self.model, self.policy.master_weights, streams)
             if self.policy.optimizer_state is not None:
-                round_optimizer_state(optimizer, self.policy.optimizer_state)
+                round_optimizer_state(optimizer, self.policy.optimizer_state, streams)
         if self.recorder is not None:
             self.recorder.next_step()
         return taken
