@@ -31,7 +31,8 @@ from torch.autograd import Function
 from leantrain.precision.operands import LayerNumerics
 from leantrain.precision.policy import DFPSpec
 
-__all__ = ["ConvGeometry", "linear", "bmm", "conv", "embedding"]
+__all__ = ["ConvGeometry", "linear", "bmm", "conv", "embedding", "LinearFunction", "BmmFunction", "ConvFunction",
+           "EmbeddingFunction"]
 
 
 def _reuse(first: Any, second: Any) -> bool:
@@ -41,7 +42,9 @@ def _reuse(first: Any, second: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------- linear
 
-class _Linear(Function):
+class LinearFunction(Function):
+    """The autograd Function behind :func:`linear` (forward and both backward GEMMs rounded per its numerics)."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, L: LayerNumerics) -> torch.Tensor:
         p = L.policy
@@ -118,12 +121,14 @@ def _round_dy_dfp(L: LayerNumerics, g: torch.Tensor, need_x: bool, need_w: bool)
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, numerics: LayerNumerics) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with the GEMM inputs rounded by ``numerics.policy``."""
-    return _Linear.apply(x, weight, bias, numerics)
+    return LinearFunction.apply(x, weight, bias, numerics)
 
 
 # ------------------------------------------------------------------------------ batched matmul
 
-class _Bmm(Function):
+class BmmFunction(Function):
+    """The autograd Function behind :func:`bmm` (forward and both backward GEMMs rounded per its numerics)."""
+
     """``Y[i] = A[i] B[i]`` for (n, M, K) x (n, K, N): A plays the role of X, B that of W (``forward.a`` / ``.b``),
     so ``dA = dY B^T`` is the backward-data GEMM and ``dB = A^T dY`` the backward-weight GEMM."""
 
@@ -178,7 +183,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, numerics: LayerNumerics) -> torch.Tens
     """``torch.bmm(a, b)`` ((n, M, K) x (n, K, N)) with the GEMM inputs rounded by ``numerics.policy``: ``a`` is
     rounded as X, ``b`` as W, the output gradient as dY (for a GEMM of two activations, such as attention's
     ``Q K^T`` and ``P V``, the policy's activation GEMM specs, :meth:`Policy.for_kind`)."""
-    return _Bmm.apply(a, b, numerics)
+    return BmmFunction.apply(a, b, numerics)
 
 
 # ------------------------------------------------------------------------------------ convolution
@@ -223,7 +228,9 @@ def _fold_rows(rows: torch.Tensor, n: int, out_hw: tuple[int, int], k: tuple[int
     return F.fold(cols, out_hw, k, dilation=dil, padding=pad, stride=stride)
 
 
-class _Conv(Function):
+class ConvFunction(Function):
+    """The autograd Function behind :func:`conv` (forward and both backward GEMMs rounded per its numerics)."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, L: LayerNumerics,
                 geo: ConvGeometry) -> torch.Tensor:
@@ -420,12 +427,14 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geome
     DFP policies support 1-d and 2-d convolutions (checked by :func:`leantrain.precision.emulate`), grouped and
     depthwise ones as one integer convolution per group.
     """
-    return _Conv.apply(x, weight, bias, numerics, geometry)
+    return ConvFunction.apply(x, weight, bias, numerics, geometry)
 
 
 # -------------------------------------------------------------------------------------- embedding
 
-class _Embedding(Function):
+class EmbeddingFunction(Function):
+    """The autograd Function behind :func:`embedding` (forward and both backward GEMMs rounded per its numerics)."""
+
     @staticmethod
     def forward(ctx: Any, idx: torch.Tensor, w: torch.Tensor, padding_idx: int | None, L: LayerNumerics) -> torch.Tensor:
         spec = L.policy.forward.b
@@ -457,4 +466,4 @@ class _Embedding(Function):
 def embedding(idx: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, numerics: LayerNumerics) -> torch.Tensor:
     """``F.embedding(idx, weight, padding_idx)`` with the table rows rounded by ``forward.b`` and the
     incoming gradient rows by ``backward_weight.b``; the table gradient is summed in FP32."""
-    return _Embedding.apply(idx, weight, padding_idx, numerics)
+    return EmbeddingFunction.apply(idx, weight, padding_idx, numerics)

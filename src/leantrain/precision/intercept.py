@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from leantrain.precision.functions import ConvGeometry, _Bmm, _Conv, _Embedding, _Linear
+from leantrain.precision.functions import BmmFunction, ConvFunction, ConvGeometry, EmbeddingFunction, LinearFunction
 from leantrain.precision.operands import LayerNumerics
 
 __all__ = ["GemmInterceptor", "GemmNumerics", "KINDS", "current_gemm"]
@@ -100,45 +100,45 @@ def _backward_gemms(ctx: Any, data: int | None, weight: int) -> tuple[str, ...]:
             + (("backward_weight",) if need[weight] else ()))
 
 
-class _LinearG(_Linear):
+class _LinearG(LinearFunction):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, L: GemmNumerics) -> torch.Tensor:
-        return _run(L, ("forward",), _Linear.forward, ctx, x, w, b, L)
+        return _run(L, ("forward",), LinearFunction.forward, ctx, x, w, b, L)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return _run(ctx.L, _backward_gemms(ctx, 0, 1), _Linear.backward, ctx, g)
+        return _run(ctx.L, _backward_gemms(ctx, 0, 1), LinearFunction.backward, ctx, g)
 
 
-class _ConvG(_Conv):
+class _ConvG(ConvFunction):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, L: GemmNumerics,
                 geo: ConvGeometry) -> torch.Tensor:
-        return _run(L, ("forward",), _Conv.forward, ctx, x, w, b, L, geo)
+        return _run(L, ("forward",), ConvFunction.forward, ctx, x, w, b, L, geo)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return _run(ctx.L, _backward_gemms(ctx, 0, 1), _Conv.backward, ctx, g)
+        return _run(ctx.L, _backward_gemms(ctx, 0, 1), ConvFunction.backward, ctx, g)
 
 
-class _BmmG(_Bmm):
+class _BmmG(BmmFunction):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, L: GemmNumerics) -> torch.Tensor:
-        return _run(L, ("forward",), _Bmm.forward, ctx, a, b, L)
+        return _run(L, ("forward",), BmmFunction.forward, ctx, a, b, L)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return _run(ctx.L, _backward_gemms(ctx, 0, 1), _Bmm.backward, ctx, g)
+        return _run(ctx.L, _backward_gemms(ctx, 0, 1), BmmFunction.backward, ctx, g)
 
 
-class _EmbeddingG(_Embedding):
+class _EmbeddingG(EmbeddingFunction):
     @staticmethod
     def forward(ctx: Any, idx: torch.Tensor, w: torch.Tensor, padding_idx: int | None, L: GemmNumerics) -> torch.Tensor:
-        return _run(L, ("forward",), _Embedding.forward, ctx, idx, w, padding_idx, L)
+        return _run(L, ("forward",), EmbeddingFunction.forward, ctx, idx, w, padding_idx, L)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return _run(ctx.L, _backward_gemms(ctx, None, 1), _Embedding.backward, ctx, g)
+        return _run(ctx.L, _backward_gemms(ctx, None, 1), EmbeddingFunction.backward, ctx, g)
 
 
 # ----------------------------------------------------------------------------------------- the mode
