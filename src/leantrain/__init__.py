@@ -10,6 +10,9 @@ Capabilities live in one sub-package each:
 - :mod:`leantrain.distributed` MLSL-style communication layer and scaling model
 - :mod:`leantrain.imitation`  GAIL and RAIL
 - :mod:`leantrain.data`, :mod:`leantrain.models`, :mod:`leantrain.train` shared ground
+
+:mod:`leantrain.app` (experiments, benchmarks, CLI commands, report) sits on top and is never imported
+by the library; docs/architecture.md has the package map and the dependency rule.
 """
 
 __version__ = "0.1.0"
