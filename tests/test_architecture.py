@@ -7,6 +7,7 @@ cannot slip past. Also: importing the library and drawing a plot leaves matplotl
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,10 +116,29 @@ curves({str(tmp_path / "c.png")!r}, {{"a": ([0, 1], [1, 2])}}, xlabel="x", ylabe
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
 print("pyplot" if "matplotlib.pyplot" in sys.modules else "no pyplot")
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "MPLBACKEND"}
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     env["PYTHONPATH"] = str(ROOT.parent) + ":" + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if res.stdout.strip() != "no pyplot":
         pytest.fail("importing leantrain imported matplotlib.pyplot (a global figure manager)")
+
+
+def test_a_data_loader_module_that_fails_to_import_is_an_error_not_a_missing_data_set():
+    # sys.modules[name] = None makes `import name` raise ImportError, as a broken files.py would.
+    code = """
+import sys
+sys.modules["leantrain.data.files"] = None
+try:
+    import leantrain.data
+except ImportError as err:
+    print("raised", err)
+else:
+    print("hidden", sorted(leantrain.data.DATASETS))
+"""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT.parent) + ":" + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("raised") and "leantrain.data.files" in res.stdout, res.stdout
