@@ -729,3 +729,16 @@ def test_a_path_given_as_data_set_name_is_explained(name, tmp_path, capsys):
     code, _, err = run_cli(["train", "--model", "mlp", "--dataset", name, "--out", tmp_path], capsys)
     assert code == 2 and f"dataset {name!r} is a path" in err and "--dataset libsvm --data-arg train=" in err
     assert "does not exist" in err
+
+
+def test_key_value_options_share_one_parser_and_fail_as_one_line(capsys):
+    from leantrain.app.commands import key_value, key_values
+
+    assert key_value("hidden=[64,64]") == ("hidden", [64, 64]) and key_value("root=/data") == ("root", "/data")
+    assert key_values("width=8,scale=0.5,bias=true") == {"width": 8, "scale": 0.5, "bias": True}
+    assert main(["precision", "audit", "resnet20:width"]) == 2
+    err = capsys.readouterr().err
+    assert "MODEL-SPEC arguments: expected KEY=VALUE" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:
+        main(["scale", "--model", "lenet", "--model-arg", "width"])
+    assert exc.value.code == 2 and "expected KEY=VALUE" in capsys.readouterr().err

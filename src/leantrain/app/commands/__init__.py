@@ -53,9 +53,15 @@ def key_value(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def key_values(text: str) -> dict[str, Any]:
-    """Comma-separated ``KEY=VALUE`` items (``"width=8,depth=2"``) as a dict, each parsed by :func:`key_value`."""
-    return dict(key_value(item) for item in text.split(",") if item)
+def key_values(text: str, what: str = "arguments") -> dict[str, Any]:
+    """Comma-separated ``KEY=VALUE`` items (``"width=8,depth=2"``) as a dict, each parsed by :func:`key_value`.
+
+    For values read outside argparse: a bad item is a :class:`UsageError` (one line, exit status 2) naming ``what``.
+    """
+    try:
+        return dict(key_value(item) for item in text.split(",") if item)
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"{what}: {err}") from None
 
 
 def declare_outputs(parser: argparse.ArgumentParser, **kinds: str) -> None:

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if name in _BUILTIN:
         model, inputs, kwargs = _builtin(name, args.batch)
     elif name in _ZOO:
-        model, inputs, kwargs = _zoo(name, key_values(rest), args.batch)
+        model, inputs, kwargs = _zoo(name, key_values(rest, "MODEL-SPEC arguments"), args.batch)
     else:
         raise ValueError(f"MODEL-SPEC must be one of {list(_ZOO) + list(_BUILTIN)} (zoo names may take :key=value,...), "
                          f"got {spec!r}")
