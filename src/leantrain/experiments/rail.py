@@ -360,9 +360,11 @@ class MediumProfile:
 
     tasks: tuple[str, ...] = MEDIUM_TASKS
     seeds: int = 5
-    iterations: int = 120
+    iterations: int = 70
     batch_steps: int = 5000
-    n_envs: int = 8
+    # 10: HalfCheetah's 1000-step episodes then fill the 20-trajectory floor in two rounds of 10 (8 leaves 4 envs alone
+    # for a third round of 1000 steps)
+    n_envs: int = 10
     eval_episodes: int = 50
 
     def __post_init__(self) -> None:
