@@ -8,7 +8,8 @@ Each function rounds exactly the GEMM inputs its :class:`LayerNumerics` policy n
   ``db = sum dY`` in FP32 (the bias add is an FP32 op);
 
 where ``(x)`` is the layer's GEMM (matrix product or convolution). A tensor consumed by two GEMMs
-with the same spec is rounded once and shared. Float GEMMs run the ordinary FP32 kernels on the
+with the same spec is rounded once and shared; so is a forward operand that several GEMMs of one forward pass
+read (``LayerNumerics.inputs``), for the deterministic roundings. Float GEMMs run the ordinary FP32 kernels on the
 rounded values: for BF16/FP16/FP8 inputs every elementwise product is exact in FP32 (at most
 2 x 11 significand bits), so this *is* "low-precision multiply, FP32 accumulate", up to the order
 of summation. Integer (DFP) GEMMs are lowered to matrix products (``unfold``/``fold`` for
@@ -54,8 +55,8 @@ class _Linear(Function):
             ctx.save_for_backward(xm, wm)
             ctx.exps = (xe, we)
         else:
-            xq = L.round(x, p.forward.a, "x")
-            wq = L.round(w, p.forward.b, "w")
+            xq = L.round(x, p.forward.a, "x", shared=L.inputs)
+            wq = L.round(w, p.forward.b, "w", shared=L.inputs)
             y = F.linear(xq, wq, b)
             ctx.save_for_backward(xq if _reuse(p.forward.a, p.backward_weight.a) else x,
                                   wq if _reuse(p.forward.b, p.backward_data.b) else w)
@@ -138,8 +139,8 @@ class _Bmm(Function):
             ctx.save_for_backward(am, bm)
             ctx.exps = (ae, be)
         else:
-            aq = L.round(a, p.forward.a, "x")
-            bq = L.round(b, p.forward.b, "w")
+            aq = L.round(a, p.forward.a, "x", shared=L.inputs)
+            bq = L.round(b, p.forward.b, "w", shared=L.inputs)
             y = torch.bmm(aq, bq)
             ctx.save_for_backward(aq if _reuse(p.forward.a, p.backward_weight.a) else a,
                                   bq if _reuse(p.forward.b, p.backward_data.b) else b)
@@ -239,8 +240,8 @@ class _Conv(Function):
             ctx.exps = (xe, we)
             ctx.y_shape = y.shape
             return y
-        xq = L.round(x, p.forward.a, "x")
-        wq = L.round(w, p.forward.b, "w")
+        xq = L.round(x, p.forward.a, "x", shared=L.inputs)
+        wq = L.round(w, p.forward.b, "w", shared=L.inputs)
         y = torch.ops.aten.convolution(xq, wq, b, *geo.args())
         ctx.save_for_backward(xq if _reuse(p.forward.a, p.backward_weight.a) else x,
                               wq if _reuse(p.forward.b, p.backward_data.b) else w)

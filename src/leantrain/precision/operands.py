@@ -17,10 +17,11 @@ import torch
 from leantrain.numerics import int_matmul, quantize, to_dfp
 from leantrain.numerics.gathered_gemm import gathered_int_gemm, native_available
 from leantrain.numerics.intmatmul import _wrap_chunk_sums_t
+from leantrain.numerics.rounding import native_cast_dtype
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.policy import DFPSpec, FloatSpec, IntAccumulator, Policy
 
-__all__ = ["RandomStreams", "LayerNumerics"]
+__all__ = ["RandomStreams", "LayerNumerics", "RoundedInputs"]
 
 
 class RandomStreams:
@@ -53,6 +54,42 @@ class RandomStreams:
             self.get(torch.device(key)).set_state(st)
 
 
+class RoundedInputs:
+    """The forward operands rounded so far in one forward pass, so that a tensor that several GEMMs read with the
+    same deterministic spec is rounded once: a block's input read by its first convolution and by its shortcut,
+    the hidden states read by the query, key and value projections, a recurrent weight read at every time step,
+    a tied weight. The result is the same tensor a second rounding would give (nearest and truncate are
+    functions of the values), so sharing it changes no bit.
+
+    An entry is keyed by the tensor object and its version counter (an in-place change misses) and holds the
+    tensor, so its identity cannot be reused while the entry lives. At most ``size`` entries (the oldest are
+    dropped); :meth:`clear` at the end of every forward pass (the owner's job) releases them."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: dict[tuple[int, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def get(self, t: torch.Tensor, spec: FloatSpec) -> torch.Tensor | None:
+        e = self._entries.get((id(t), id(spec)))
+        if e is None or e[0] is not t or t.is_inference() or e[1] != t._version:
+            return None
+        return e[2]
+
+    def put(self, t: torch.Tensor, spec: FloatSpec, q: torch.Tensor) -> None:
+        if t.is_inference():  # no version counter: an in-place change could not be seen
+            return
+        if len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]
+        # the spec object is kept alive by the policy that owns it, and the key holds the tensor itself
+        self._entries[(id(t), id(spec))] = (t, t._version, q)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self.size, "_entries": {}}  # run-time only
+
+
 def _pow2_scale(x: torch.Tensor, fmt_max: float) -> torch.Tensor:
     """``2**floor(log2(fmt_max / amax))`` as a 0-dim float32 tensor (1 when amax is 0 or not finite)."""
     amax = x.detach().abs().amax().float()
@@ -65,13 +102,15 @@ def _pow2_scale(x: torch.Tensor, fmt_max: float) -> torch.Tensor:
 @dataclass
 class LayerNumerics:
     """The numerics of one emulated layer: ``name`` (its qualified module name), ``policy``,
-    ``recorder`` (or None) and ``streams`` (stochastic-rounding generators, shared by the model)."""
+    ``recorder`` (or None), ``streams`` (stochastic-rounding generators, shared by the model) and ``inputs``
+    (the forward operands rounded so far in the running forward pass, shared by the model's layers, or None)."""
 
     name: str
     policy: Policy
     recorder: Recorder | None = None
     streams: RandomStreams = field(default_factory=RandomStreams)
     training: bool = True
+    inputs: RoundedInputs | None = None
 
     def recording(self) -> bool:
         return self.training and self.recorder is not None and self.recorder.active
@@ -79,11 +118,30 @@ class LayerNumerics:
     def _gen(self, t: torch.Tensor, rounding: str) -> torch.Generator | None:
         return self.streams.get(t.device) if rounding == "stochastic" else None
 
-    def round(self, t: torch.Tensor, spec: FloatSpec | DFPSpec | None, tensor: str) -> torch.Tensor:
+    def round(self, t: torch.Tensor, spec: FloatSpec | DFPSpec | None, tensor: str, *,
+              shared: RoundedInputs | None = None) -> torch.Tensor:
         """``t`` rounded by ``spec`` as a float32 tensor of exactly representable values
-        (``spec=None``: ``t`` itself; a DFP spec: ``mantissas * 2**exponent``)."""
+        (``spec=None``: ``t`` itself; a DFP spec: ``mantissas * 2**exponent``).
+
+        ``shared``: forward operands already rounded in this pass (:class:`RoundedInputs`), consulted and filled
+        for deterministic float specs (nearest, truncate) while nothing is recorded (the recorder counts every
+        rounding of every layer)."""
         if spec is None:
             return t
+        if shared is not None and isinstance(spec, FloatSpec) and spec.rounding != "stochastic" \
+                and not self.recording():
+            q = shared.get(t, spec)
+            if q is None:
+                q = self.round(t, spec, tensor)
+                shared.put(t, spec, q)
+            return q
+        if type(spec) is FloatSpec and spec.rounding == "nearest" and spec.scaling == "none" \
+                and t.dtype == torch.float32 and not self.recording():
+            dtype = native_cast_dtype(spec.format, t.device)
+            if dtype is not None:
+                # quantize's own native path, op for op (the same layout too), without its argument checks: a GEMM
+                # rounds three tensors per call
+                return t.detach().contiguous().to(dtype).to(torch.float32)
         if isinstance(spec, DFPSpec):
             m, e = self.dfp(t, spec, tensor)
             return m if e == NONFINITE else _ldexp(m, e)
