@@ -32,7 +32,7 @@ from torch import nn
 
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.intercept import GemmInterceptor, GemmNumerics
-from leantrain.precision.operands import LayerNumerics, RandomStreams, RoundedInputs
+from leantrain.precision.operands import LayerNumerics, OperandBuffers, RandomStreams, RoundedInputs
 from leantrain.precision.policy import Policy, get_policy
 
 __all__ = ["Emulation", "emulate", "emulating", "restore", "emulation_of", "unsupported_layers", "FP32_LAYERS",
@@ -83,6 +83,7 @@ class Emulation:
         self._stack: list[tuple[str, nn.Module, bool]] = []
         self._mode: GemmInterceptor | None = None
         self._inputs = RoundedInputs()
+        self._buffers = OperandBuffers()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -90,7 +91,8 @@ class Emulation:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_inputs", RoundedInputs())  # pickled before the shared forward roundings existed
+        state.setdefault("_inputs", RoundedInputs())  # pickled before these two existed
+        state.setdefault("_buffers", OperandBuffers())
         self.__dict__.update(state)
 
     # -------------------------------------------------------------- routing (called by GemmInterceptor)
@@ -112,7 +114,8 @@ class Emulation:
         label = name or self.root
         if kind == "activation":
             label += ":activation"
-        L = GemmNumerics(label, self._kinds[kind], self.recorder, self.streams, inputs=self._inputs, kind=kind)
+        L = GemmNumerics(label, self._kinds[kind], self.recorder, self.streams, inputs=self._inputs,
+                         buffers=self._buffers, kind=kind)
         self._sites[(name, kind)] = L
         self.layers[label] = L
         return L
