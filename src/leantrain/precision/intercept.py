@@ -9,7 +9,12 @@ the forward GEMM and, in its backward, those of the two backward GEMMs (dY, and 
 pass therefore needs no mode. A ``TorchDispatchMode`` would see the backward GEMMs too, but below autograd, where
 X, W and dY are indistinguishable; it is used only by the audit (:mod:`leantrain.precision.audit`), to find
 GEMMs that escaped. Measured on 2 shared cores: a pass-through mode costs a few microseconds per torch call, about
-5% of a small ResNet step; the rounding itself costs more.
+5% of a small ResNet step; the rounding itself costs more. What keeps that cost down (all bit-identical to rounding
+every operand into a new tensor): a forward operand read by several GEMMs of one forward pass is rounded once
+(:class:`leantrain.precision.operands.RoundedInputs`), BF16/FP16 nearest-even is torch's verified cast called
+directly, and the rounded copies of CPU tensors live in buffers reused from step to step
+(:class:`leantrain.precision.operands.OperandBuffers`): allocated afresh, their pages came back from the operating
+system at every step, which cost as much as the rounding.
 
 Intercepted (everything else runs unchanged, in FP32):
 
