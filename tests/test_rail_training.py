@@ -178,3 +178,35 @@ def test_our_trpo_solves_inverted_pendulum_on_the_true_reward():
     finally:
         envs.close()
     assert returns[-1] >= 950, returns
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "HalfCheetah-v5"])
+def test_shipped_medium_experts_load_and_match_their_task(env_id):
+    """The reduced SAC experts of the medium profile: 25 demonstrations on the task's spaces, a loadable model."""
+    from leantrain.imitation.envs import space_dims
+    from leantrain.imitation.experts import load_expert
+
+    d = asset_dir(env_id)
+    traj = load_trajectories(d / "trajectories.npz")
+    assert traj.env_id == env_id and traj.count == 25
+    traj.check_spaces(*space_dims(env_id), env_id)
+    meta = json.loads((d / "expert.json").read_text())
+    assert meta == {**meta, "algo": "sac", "env_id": env_id, "steps": 60_000, "seed": 0}  # as docs/rail.md states
+    expert = load_expert(d)
+    assert expert.algo == "sac" and expert(traj.obs[:1, 0]).shape == (1, traj.actions.shape[2])
+
+
+def test_committed_medium_results_match_the_profile_defaults():
+    """The committed medium results come from `leantrain rail medium` at its defaults: 5 paired seeds per task."""
+    from dataclasses import asdict
+
+    from leantrain.app.experiments.rail import MEDIUM_RESULTS, MediumProfile
+
+    m = json.loads(MEDIUM_RESULTS.read_text())
+    assert {**m["settings"], "tasks": tuple(m["settings"]["tasks"])} == asdict(MediumProfile())
+    assert tuple(m["tasks"]) == MediumProfile().tasks
+    for res in m["tasks"].values():
+        assert sorted((r["variant"], r["seed"]) for r in res["runs"]) == sorted(
+            (v, s) for v in ("GAIL", "RAIL") for s in range(5))
+        assert all(len(h) == MediumProfile().iterations for h in res["histories"].values())
+        assert all((MEDIUM_RESULTS.parent / p).is_file() for p in res["plots"])

@@ -127,8 +127,12 @@ class DataParallelModule(nn.Module):
     ``load_state_dict()`` are those of ``module`` (no ``module.`` prefix), so checkpoints load into the bare model.
     """
 
-    #: Buckets larger than this are all-reduced in pieces of this size (see :class:`.exchange.AllReduceExchange`).
-    MESSAGE_BYTES = 32 << 20
+    #: Buckets larger than this are all-reduced in pieces of this size (see :class:`.exchange.AllReduceExchange`):
+    #: when backward left the gradient in the bucket, the in-place division by P of piece k+1 then overlaps the
+    #: transfer of piece k instead of delaying the bucket's only collective. 8 MB: on 2 gloo ranks (2 shared
+    #: cores, loaded) a 16 MB bucket averaged in 2 pieces took 0.96x the time of a raw sum, in one piece 0.85x
+    #: (paired medians, 41 samples); at 64 MB, 8 and 32 MB pieces measured alike.
+    MESSAGE_BYTES = 8 << 20
 
     def __init__(self, module: nn.Module, distribution: Distribution | None = None, *, bucket_mb: float = 25.0,
                  compression: str | Compression | None = "none", error_feedback: bool = True, priority: bool = True,

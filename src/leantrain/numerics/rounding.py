@@ -59,7 +59,7 @@ from leantrain.numerics.formats import FloatFormat, float32_bits
 from leantrain.numerics.native import native_library
 
 __all__ = ["ROUNDING_MODES", "BACKENDS", "check_rounding", "check_backend", "check_float", "check_generator",
-           "round_low_bits", "round_to_integer", "stochastic_round_up", "quantize"]
+           "round_low_bits", "round_to_integer", "stochastic_round_up", "quantize", "native_cast_dtype"]
 
 ROUNDING_MODES = ("nearest", "stochastic", "truncate")
 BACKENDS = ("auto", "reference", "bits", "native")
@@ -384,6 +384,14 @@ def _native_dtype(fmt: FloatFormat, device: torch.device) -> torch.dtype | None:
     if key not in _native_ok:
         _native_ok[key] = _native_probe(dtype, fmt, device)
     return dtype if _native_ok[key] else None
+
+
+def native_cast_dtype(fmt: FloatFormat, device: torch.device) -> torch.dtype | None:
+    """The torch dtype whose cast ``x.to(dtype).to(torch.float32)`` of a contiguous float32 ``x`` on ``device``
+    is, right now, exactly what :func:`quantize` ``(x, fmt, "nearest")`` computes (the path it takes itself), or
+    None: no such dtype for ``fmt``, the device's cast failed the bit-for-bit probe, or torch flushes denormals on
+    this thread. For callers that round many tensors and skip :func:`quantize`'s argument checks."""
+    return _native_dtype(fmt, device)
 
 
 def _quantize_block_e8(u: torch.Tensor, o: torch.Tensor, fmt: FloatFormat, rounding: str, gen) -> None:

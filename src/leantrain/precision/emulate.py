@@ -32,7 +32,7 @@ from torch import nn
 
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.intercept import GemmInterceptor, GemmNumerics
-from leantrain.precision.operands import LayerNumerics, RandomStreams
+from leantrain.precision.operands import LayerNumerics, OperandBuffers, RandomStreams, RoundedInputs
 from leantrain.precision.policy import Policy, get_policy
 
 __all__ = ["Emulation", "emulate", "emulating", "restore", "emulation_of", "unsupported_layers", "FP32_LAYERS",
@@ -82,11 +82,18 @@ class Emulation:
         self._sites: dict[tuple[str | None, str], GemmNumerics] = {}
         self._stack: list[tuple[str, nn.Module, bool]] = []
         self._mode: GemmInterceptor | None = None
+        self._inputs = RoundedInputs()
+        self._buffers = OperandBuffers()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_stack"], state["_mode"] = [], None  # run-time only
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_inputs", RoundedInputs())  # pickled before these two existed
+        state.setdefault("_buffers", OperandBuffers())
+        self.__dict__.update(state)
 
     # -------------------------------------------------------------- routing (called by GemmInterceptor)
 
@@ -107,7 +114,8 @@ class Emulation:
         label = name or self.root
         if kind == "activation":
             label += ":activation"
-        L = GemmNumerics(label, self._kinds[kind], self.recorder, self.streams, kind=kind)
+        L = GemmNumerics(label, self._kinds[kind], self.recorder, self.streams, inputs=self._inputs,
+                         buffers=self._buffers, kind=kind)
         self._sites[(name, kind)] = L
         self.layers[label] = L
         return L
@@ -130,6 +138,7 @@ class Emulation:
             self._stack.pop()
         if not self._stack and self._mode is not None:
             mode, self._mode = self._mode, None
+            self._inputs.clear()
             mode.__exit__(None, None, None)
 
     # ---------------------------------------------------------------------------------- description
@@ -323,5 +332,8 @@ def emulating(policy: str | Policy, *, recorder: Recorder | None = None, seed: i
     if not emu.policy.rounds:
         yield emu
         return
-    with GemmInterceptor(emu):
-        yield emu
+    try:
+        with GemmInterceptor(emu):
+            yield emu
+    finally:
+        emu._inputs.clear()

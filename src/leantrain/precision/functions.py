@@ -8,7 +8,8 @@ Each function rounds exactly the GEMM inputs its :class:`LayerNumerics` policy n
   ``db = sum dY`` in FP32 (the bias add is an FP32 op);
 
 where ``(x)`` is the layer's GEMM (matrix product or convolution). A tensor consumed by two GEMMs
-with the same spec is rounded once and shared. Float GEMMs run the ordinary FP32 kernels on the
+with the same spec is rounded once and shared; so is a forward operand that several GEMMs of one forward pass
+read (``LayerNumerics.inputs``), for the deterministic roundings. Float GEMMs run the ordinary FP32 kernels on the
 rounded values: for BF16/FP16/FP8 inputs every elementwise product is exact in FP32 (at most
 2 x 11 significand bits), so this *is* "low-precision multiply, FP32 accumulate", up to the order
 of summation. Integer (DFP) GEMMs are lowered to matrix products (``unfold``/``fold`` for
@@ -57,8 +58,8 @@ class LinearFunction(Function):
             ctx.save_for_backward(xm, wm)
             ctx.exps = (xe, we)
         else:
-            xq = L.round(x, p.forward.a, "x")
-            wq = L.round(w, p.forward.b, "w")
+            xq = L.round(x, p.forward.a, "x", shared=L.inputs, scratch=True)
+            wq = L.round(w, p.forward.b, "w", shared=L.inputs, scratch=True)
             y = F.linear(xq, wq, b)
             ctx.save_for_backward(xq if _reuse(p.forward.a, p.backward_weight.a) else x,
                                   wq if _reuse(p.forward.b, p.backward_data.b) else w)
@@ -86,10 +87,12 @@ class LinearFunction(Function):
         else:
             gd, gw = _round_dy(L, g2, need_x, need_w)
             if need_x:
-                wd = ws if _reuse(p.forward.b, p.backward_data.b) else L.round(ws, p.backward_data.b, "w@backward_data")
+                wd = ws if _reuse(p.forward.b, p.backward_data.b) else L.round(ws, p.backward_data.b, "w@backward_data",
+                                                                               scratch=True)
                 dx = gd.mm(wd).reshape(*g.shape[:-1], in_f)
             if need_w:
-                xw = xs if _reuse(p.forward.a, p.backward_weight.a) else L.round(xs, p.backward_weight.a, "x@backward_weight")
+                xw = xs if _reuse(p.forward.a, p.backward_weight.a) else L.round(xs, p.backward_weight.a,
+                                                                                 "x@backward_weight", scratch=True)
                 dw = gw.t().mm(xw.reshape(-1, in_f))
         if need_b and ctx.has_bias:
             db = g2.sum(0)
@@ -101,10 +104,10 @@ def _round_dy(L: LayerNumerics, g: torch.Tensor, need_x: bool, need_w: bool) -> 
     p = L.policy
     sd, sw = p.backward_data.a, p.backward_weight.b
     if need_x and need_w and _reuse(sd, sw):
-        r = L.round(g, sd, "dy")
+        r = L.round(g, sd, "dy", scratch=True)
         return r, r
-    gd = L.round(g, sd, "dy") if need_x else None
-    gw = L.round(g, sw, "dy@backward_weight" if need_x else "dy") if need_w else None
+    gd = L.round(g, sd, "dy", scratch=True) if need_x else None
+    gw = L.round(g, sw, "dy@backward_weight" if need_x else "dy", scratch=True) if need_w else None
     return gd, gw
 
 
@@ -143,8 +146,8 @@ class BmmFunction(Function):
             ctx.save_for_backward(am, bm)
             ctx.exps = (ae, be)
         else:
-            aq = L.round(a, p.forward.a, "x")
-            bq = L.round(b, p.forward.b, "w")
+            aq = L.round(a, p.forward.a, "x", shared=L.inputs, scratch=True)
+            bq = L.round(b, p.forward.b, "w", shared=L.inputs, scratch=True)
             y = torch.bmm(aq, bq)
             ctx.save_for_backward(aq if _reuse(p.forward.a, p.backward_weight.a) else a,
                                   bq if _reuse(p.forward.b, p.backward_data.b) else b)
@@ -170,11 +173,12 @@ class BmmFunction(Function):
         else:
             gd, gw = _round_dy(L, g, need_a, need_b)
             if need_a:
-                bd = bs if _reuse(p.forward.b, p.backward_data.b) else L.round(bs, p.backward_data.b, "w@backward_data")
+                bd = bs if _reuse(p.forward.b, p.backward_data.b) else L.round(bs, p.backward_data.b, "w@backward_data",
+                                                                               scratch=True)
                 da = torch.bmm(gd, bd.transpose(1, 2))
             if need_b:
                 aw = as_ if _reuse(p.forward.a, p.backward_weight.a) else L.round(as_, p.backward_weight.a,
-                                                                                   "x@backward_weight")
+                                                                                   "x@backward_weight", scratch=True)
                 db = torch.bmm(aw.transpose(1, 2), gw)
         return da, db, None
 
@@ -246,8 +250,8 @@ class ConvFunction(Function):
             ctx.exps = (xe, we)
             ctx.y_shape = y.shape
             return y
-        xq = L.round(x, p.forward.a, "x")
-        wq = L.round(w, p.forward.b, "w")
+        xq = L.round(x, p.forward.a, "x", shared=L.inputs, scratch=True)
+        wq = L.round(w, p.forward.b, "w", shared=L.inputs, scratch=True)
         y = torch.ops.aten.convolution(xq, wq, b, *geo.args())
         ctx.save_for_backward(xq if _reuse(p.forward.a, p.backward_weight.a) else x,
                               wq if _reuse(p.forward.b, p.backward_data.b) else w)
@@ -269,9 +273,10 @@ class ConvFunction(Function):
         gd, gw = _round_dy(L, g, need_x, need_w)
         wd, xw = ws, xs
         if need_x:
-            wd = ws if _reuse(p.forward.b, p.backward_data.b) else L.round(ws, p.backward_data.b, "w@backward_data")
+            wd = ws if _reuse(p.forward.b, p.backward_data.b) else L.round(ws, p.backward_data.b, "w@backward_data", scratch=True)
         if need_w:
-            xw = xs if _reuse(p.forward.a, p.backward_weight.a) else L.round(xs, p.backward_weight.a, "x@backward_weight")
+            xw = xs if _reuse(p.forward.a, p.backward_weight.a) else L.round(xs, p.backward_weight.a, "x@backward_weight",
+                                                                             scratch=True)
         if need_x and need_w and gd is gw and (wd is ws) and (xw is xs):
             dx, dw, _ = torch.ops.aten.convolution_backward(gd, xs, ws, None, *geo.args(), [True, True, False])
         else:

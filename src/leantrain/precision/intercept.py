@@ -9,7 +9,12 @@ the forward GEMM and, in its backward, those of the two backward GEMMs (dY, and 
 pass therefore needs no mode. A ``TorchDispatchMode`` would see the backward GEMMs too, but below autograd, where
 X, W and dY are indistinguishable; it is used only by the audit (:mod:`leantrain.precision.audit`), to find
 GEMMs that escaped. Measured on 2 shared cores: a pass-through mode costs a few microseconds per torch call, about
-5% of a small ResNet step; the rounding itself costs more.
+5% of a small ResNet step; the rounding itself costs more. What keeps that cost down (all bit-identical to rounding
+every operand into a new tensor): a forward operand read by several GEMMs of one forward pass is rounded once
+(:class:`leantrain.precision.operands.RoundedInputs`), BF16/FP16 nearest-even is torch's verified cast called
+directly, and the rounded copies of CPU tensors live in buffers reused from step to step
+(:class:`leantrain.precision.operands.OperandBuffers`): allocated afresh, their pages came back from the operating
+system at every step, which cost as much as the rounding.
 
 Intercepted (everything else runs unchanged, in FP32):
 
@@ -155,11 +160,11 @@ class GemmInterceptor(TorchFunctionMode):
         self.routing = routing
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
+        # Every torch call of the forward pass comes here: the non-GEMMs leave after one dictionary lookup.
         handler = _HANDLERS.get(func)
         if handler is None or self.routing.passthrough():
-            return func(*args, **kwargs)
-        return handler(self, func, args, kwargs)
+            return func(*args, **(kwargs or {}))
+        return handler(self, func, args, kwargs or {})
 
     def numerics(self, kind: str) -> GemmNumerics:
         return self.routing.numerics(kind)
@@ -222,9 +227,13 @@ def _matmul(m: GemmInterceptor, a: torch.Tensor, b: torch.Tensor, L: GemmNumeric
     elif A.dim() == 2:
         y = _LinearG.apply(B.mT, A, None, L).mT
     else:
-        batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-        A3 = A.expand(*batch, *A.shape[-2:]).reshape(-1, *A.shape[-2:])
-        B3 = B.expand(*batch, *B.shape[-2:]).reshape(-1, *B.shape[-2:])
+        batch = A.shape[:-2]
+        if batch == B.shape[:-2]:  # no broadcast (attention): torch.broadcast_shapes is slow Python
+            A3, B3 = A.reshape(-1, *A.shape[-2:]), B.reshape(-1, *B.shape[-2:])
+        else:
+            batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+            A3 = A.expand(*batch, *A.shape[-2:]).reshape(-1, *A.shape[-2:])
+            B3 = B.expand(*batch, *B.shape[-2:]).reshape(-1, *B.shape[-2:])
         y = _BmmG.apply(A3, B3, L).reshape(*batch, A.shape[-2], B.shape[-1])
     if a.dim() == 1:
         y = y.squeeze(-2)
@@ -420,15 +429,11 @@ def _conv_handler(nd: int, transposed: bool) -> Callable[..., Any]:
     names = (("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation") if transposed
              else ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
     defaults = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+    # ConvGeometry by the raw geometry arguments (stride, padding, ...) of a call, when they are hashable: an
+    # nn.ConvNd passes the same tuples at every call
+    geometries: dict[tuple[Any, ...], ConvGeometry] = {}
 
-    def handler(m: GemmInterceptor, func: Any, args: Sequence[Any], kwargs: dict) -> Any:
-        vals = dict(zip(names, _bind(args, kwargs, names, defaults)))
-        x, w, b = vals["input"], vals["weight"], vals["bias"]
-        if not _floats(x, w, b):
-            return func(*args, **kwargs)
-        unbatched = x.dim() == nd + 1
-        if unbatched:
-            x = x.unsqueeze(0)
+    def geometry(vals: dict[str, Any], x: torch.Tensor, w: torch.Tensor) -> tuple[ConvGeometry, torch.Tensor]:
         stride, dilation = _tuple(vals["stride"], nd), _tuple(vals["dilation"], nd)
         padding = vals["padding"]
         if isinstance(padding, str):
@@ -443,10 +448,28 @@ def _conv_handler(nd: int, transposed: bool) -> Callable[..., Any]:
                     padding = (0,) * nd
                 else:
                     padding = tuple(lo)
-        geo = ConvGeometry(stride, _tuple(padding, nd), dilation, transposed,
-                           _tuple(vals.get("output_padding", 0), nd), int(vals["groups"]))
+        return ConvGeometry(stride, _tuple(padding, nd), dilation, transposed,
+                            _tuple(vals.get("output_padding", 0), nd), int(vals["groups"])), x
+
+    def handler(m: GemmInterceptor, func: Any, args: Sequence[Any], kwargs: dict) -> Any:
+        bound = args if not kwargs and len(args) == len(names) else _bind(args, kwargs, names, defaults)
+        x, w, b = bound[0], bound[1], bound[2]
+        if not _floats(x, w, b):
+            return func(*args, **kwargs)
+        unbatched = x.dim() == nd + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        key = tuple(bound[3:])
+        try:
+            geo = geometries.get(key)
+        except TypeError:  # a list argument
+            key, geo = None, None
+        if geo is None:
+            geo, x = geometry(dict(zip(names, bound)), x, w)
+            if key is not None and not isinstance(key[1], str):  # "same" padding may pad x itself: not cached
+                geometries[key] = geo
         L = m.numerics("parameter" if _is_param(w) else "activation")
-        if L.policy.forward.integer and nd == 3:
+        if nd == 3 and L.policy.forward.integer:
             raise ValueError(f"{'transposed ' if transposed else ''}conv3d cannot be emulated under the DFP policy "
                              f"{L.policy.name!r} (DFP convolutions: 1-d and 2-d, any groups); name the module in "
                              f"allow_unsupported to keep it FP32")
@@ -500,16 +523,26 @@ def _h_sdpa(m: GemmInterceptor, func: Any, args: Sequence[Any], kwargs: dict) ->
     return _matmul(m, pr, v, L)
 
 
+_UNDISPATCHED: dict[Any, tuple[Callable[..., Any], tuple[tuple[str, Any], ...]]] = {}
+_ABSENT = object()
+
+
 def _undispatched(func: Any) -> Callable[..., Any]:
     """``func`` (a Python function of torch that hands itself to the active mode via ``has_torch_function``)
     with that check off, so that its body runs with the mode active and every GEMM inside it is routed; a mode
-    never sees the calls nested inside a function it handles otherwise. Its module's globals are copied at each
-    call, so a later change to them (a patched ``F.scaled_dot_product_attention``) is seen."""
-    glb = dict(func.__globals__)
+    never sees the calls nested inside a function it handles otherwise. Built on a copy of its module's globals,
+    kept while every global its code names is still the same object, so a later change to them (a patched
+    ``F.scaled_dot_product_attention``) is seen."""
+    src = func.__globals__
+    hit = _UNDISPATCHED.get(func)
+    if hit is not None and all(src.get(n, _ABSENT) is v for n, v in hit[1]):
+        return hit[0]
+    glb = dict(src)
     for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
         glb[name] = lambda *a: False
     f = types.FunctionType(func.__code__, glb, func.__name__, func.__defaults__, func.__closure__)
     f.__kwdefaults__ = func.__kwdefaults__
+    _UNDISPATCHED[func] = (f, tuple((n, src.get(n, _ABSENT)) for n in func.__code__.co_names))
     return f
 
 

@@ -9,6 +9,8 @@ through :func:`leantrain.numerics.int_matmul`.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +19,11 @@ import torch
 from leantrain.numerics import int_matmul, quantize, to_dfp
 from leantrain.numerics.gathered_gemm import gathered_int_gemm, native_available
 from leantrain.numerics.intmatmul import wrap_chunk_sums_t
+from leantrain.numerics.rounding import native_cast_dtype
 from leantrain.precision.instrument import Recorder
 from leantrain.precision.policy import DFPSpec, FloatSpec, IntAccumulator, Policy
 
-__all__ = ["RandomStreams", "LayerNumerics"]
+__all__ = ["RandomStreams", "LayerNumerics", "RoundedInputs", "OperandBuffers"]
 
 
 class RandomStreams:
@@ -53,6 +56,105 @@ class RandomStreams:
             self.get(torch.device(key)).set_state(st)
 
 
+class RoundedInputs:
+    """The forward operands rounded so far in one forward pass, so that a tensor that several GEMMs read with the
+    same deterministic spec is rounded once: a block's input read by its first convolution and by its shortcut,
+    the hidden states read by the query, key and value projections, a recurrent weight read at every time step,
+    a tied weight. The result is the same tensor a second rounding would give (nearest and truncate are
+    functions of the values), so sharing it changes no bit.
+
+    An entry is keyed by the tensor object and its version counter (an in-place change misses) and holds the
+    tensor, so its identity cannot be reused while the entry lives. At most ``size`` entries (the oldest are
+    dropped); :meth:`clear` at the end of every forward pass (the owner's job) releases them."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: dict[tuple[int, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def get(self, t: torch.Tensor, spec: FloatSpec) -> torch.Tensor | None:
+        e = self._entries.get((id(t), id(spec)))
+        if e is None or e[0] is not t or t.is_inference() or e[1] != t._version:
+            return None
+        return e[2]
+
+    def put(self, t: torch.Tensor, spec: FloatSpec, q: torch.Tensor) -> None:
+        if t.is_inference():  # no version counter: an in-place change could not be seen
+            return
+        if len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]
+        # the spec object is kept alive by the policy that owns it, and the key holds the tensor itself
+        self._entries[(id(t), id(spec))] = (t, t._version, q)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self.size, "_entries": {}}  # run-time only
+
+
+class OperandBuffers:
+    """Float32 buffers reused for the rounded GEMM operands of CPU tensors, from one training step to the next.
+
+    Why: every emulated GEMM creates rounded copies of its operands (X and W, saved for the backward GEMMs, and
+    dY), about the size of the model's activations, freed again when the backward pass has used them. Taken from
+    the C allocator at every step, that memory comes back from the operating system page by page (glibc returns
+    the freed top of its heap), which measured as much as the rounding itself on a small CNN.
+
+    A buffer is handed out as a fresh view and is free again once that view is gone: no autograd graph saves it
+    any longer (the backward pass ran, or the graph was dropped) and no code holds it. Only code that never lets
+    the view (or a view of it) escape to the caller may take one (``LayerNumerics.round(..., scratch=True)``).
+    Per thread; at most ``per_shape`` buffers per shape and ``shapes`` shapes (least recently used dropped);
+    beyond that the caller allocates as usual. CUDA tensors are never pooled (their allocator caches already,
+    and a buffer read by a queued kernel must not be rewritten from another stream)."""
+
+    def __init__(self, shapes: int = 64, per_shape: int = 32) -> None:
+        self.shapes, self.per_shape = shapes, per_shape
+        self._local = threading.local()
+
+    def _state(self) -> tuple[dict[Any, list[list[Any]]], dict[torch.dtype, torch.Tensor]]:
+        st = getattr(self._local, "state", None)
+        if st is None:
+            st = self._local.state = ({}, {})
+        return st
+
+    def take(self, shape: torch.Size) -> torch.Tensor | None:
+        """A contiguous float32 CPU tensor of ``shape`` that nothing else references (or None: the pool is full)."""
+        pools = self._state()[0]
+        entries = pools.pop(shape, None)
+        if entries is None:
+            if len(pools) >= self.shapes:
+                del pools[next(iter(pools))]
+            entries = []
+        pools[shape] = entries  # most recently used last
+        for entry in entries:
+            if entry[1]() is None:
+                view = entry[0].view(shape)
+                entry[1] = weakref.ref(view)
+                return view
+        if len(entries) >= self.per_shape:
+            return None
+        base = torch.empty(shape, dtype=torch.float32)
+        view = base.view(shape)
+        entries.append([base, weakref.ref(view)])
+        return view
+
+    def temporary(self, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        """A contiguous CPU tensor of ``dtype`` and ``shape`` for an intermediate that dies before the next call on
+        this thread (one growing buffer per dtype)."""
+        temps = self._state()[1]
+        n = shape.numel()
+        buf = temps.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = temps[dtype] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"shapes": self.shapes, "per_shape": self.per_shape}  # the buffers are run-time only
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["shapes"], state["per_shape"])  # type: ignore[misc]
+
+
 def _pow2_scale(x: torch.Tensor, fmt_max: float) -> torch.Tensor:
     """``2**floor(log2(fmt_max / amax))`` as a 0-dim float32 tensor (1 when amax is 0 or not finite)."""
     amax = x.detach().abs().amax().float()
@@ -65,13 +167,17 @@ def _pow2_scale(x: torch.Tensor, fmt_max: float) -> torch.Tensor:
 @dataclass
 class LayerNumerics:
     """The numerics of one emulated layer: ``name`` (its qualified module name), ``policy``,
-    ``recorder`` (or None) and ``streams`` (stochastic-rounding generators, shared by the model)."""
+    ``recorder`` (or None), ``streams`` (stochastic-rounding generators, shared by the model), ``inputs``
+    (the forward operands rounded so far in the running forward pass, shared by the model's layers, or None) and
+    ``buffers`` (reused memory for rounded operands, shared by the model's layers, or None)."""
 
     name: str
     policy: Policy
     recorder: Recorder | None = None
     streams: RandomStreams = field(default_factory=RandomStreams)
     training: bool = True
+    inputs: RoundedInputs | None = None
+    buffers: OperandBuffers | None = None
 
     def recording(self) -> bool:
         return self.training and self.recorder is not None and self.recorder.active
@@ -79,11 +185,38 @@ class LayerNumerics:
     def _gen(self, t: torch.Tensor, rounding: str) -> torch.Generator | None:
         return self.streams.get(t.device) if rounding == "stochastic" else None
 
-    def round(self, t: torch.Tensor, spec: FloatSpec | DFPSpec | None, tensor: str) -> torch.Tensor:
+    def round(self, t: torch.Tensor, spec: FloatSpec | DFPSpec | None, tensor: str, *,
+              shared: RoundedInputs | None = None, scratch: bool = False) -> torch.Tensor:
         """``t`` rounded by ``spec`` as a float32 tensor of exactly representable values
-        (``spec=None``: ``t`` itself; a DFP spec: ``mantissas * 2**exponent``)."""
+        (``spec=None``: ``t`` itself; a DFP spec: ``mantissas * 2**exponent``).
+
+        ``shared``: forward operands already rounded in this pass (:class:`RoundedInputs`), consulted and filled
+        for deterministic float specs (nearest, truncate) while nothing is recorded (the recorder counts every
+        rounding of every layer). ``scratch=True``: the caller only hands the result to GEMMs and to
+        ``save_for_backward`` and never returns it (or a view of it), so it may live in one of ``buffers``
+        (:class:`OperandBuffers`)."""
         if spec is None:
             return t
+        if shared is not None and isinstance(spec, FloatSpec) and spec.rounding != "stochastic" \
+                and not self.recording():
+            q = shared.get(t, spec)
+            if q is None:
+                q = self.round(t, spec, tensor, scratch=scratch)
+                shared.put(t, spec, q)
+            return q
+        if type(spec) is FloatSpec and spec.rounding == "nearest" and spec.scaling == "none" \
+                and t.dtype == torch.float32 and not self.recording():
+            dtype = native_cast_dtype(spec.format, t.device)
+            if dtype is not None:
+                # quantize's own native path, op for op (the same conversion kernel, the same contiguous layout),
+                # without its argument checks: a GEMM rounds three tensors per call
+                if torch.is_grad_enabled():
+                    t = t.detach()
+                if scratch and self.buffers is not None and t.device.type == "cpu":
+                    out = self.buffers.take(t.shape)
+                    if out is not None:
+                        return out.copy_(self.buffers.temporary(dtype, t.shape).copy_(t))
+                return t.contiguous().to(dtype).to(torch.float32)
         if isinstance(spec, DFPSpec):
             m, e = self.dfp(t, spec, tensor)
             return m if e == NONFINITE else ldexp(m, e)

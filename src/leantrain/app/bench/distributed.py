@@ -4,9 +4,11 @@ The benchmark spawns two processes itself (127.0.0.1, one thread each) and measu
 
 1. step time of a ResNet-20 training step with :class:`~leantrain.distributed.DataParallelModule` vs
    ``torch.nn.parallel.DistributedDataParallel`` (same model, batch, optimizer and bucket size), interleaved;
-2. all-reduce bus bandwidth of DataParallelModule's bucketed path (one bucket holding an ``n``-byte gradient:
-   communication thread, collective, averaging, write-back) vs a raw ``dist.all_reduce`` of the same tensor,
-   for 4 KB to 64 MB; bus bandwidth = ``2 (P-1)/P * n / t``;
+2. all-reduce bus bandwidth of DataParallelModule's bucketed path (one bucket holding an ``n``-byte gradient that
+   is already the bucket, as after a backward with ``zero_grad(set_to_none=False)``: the in-place division by P,
+   the collective in pieces of ``MESSAGE_BYTES``, write-back, step record) vs a raw ``dist.all_reduce`` of the
+   same tensor (a sum, no average), for 4 KB to 64 MB; bus bandwidth = ``2 (P-1)/P * n / t``. At 16 and 64 MB
+   the division pass alone is timed too (``averaging_pass_ms``): the part of the gap that is arithmetic;
 3. exposed (non-overlapped) communication per step with and without overlap, and with and without priority the
    time until the first layers' bucket is averaged, for ResNet-20 and for a communication-bound 6 x 512x512 MLP
    (1 MB buckets) where buckets queue up behind each other. The priority check compares that time from the
@@ -95,9 +97,10 @@ def _rank_main(rank: int, world: int, quick: bool) -> dict[str, Any]:
         holder.g.grad = torch.ones(n // 4)
         dp.exchange_gradients()  # from now on param.grad is the bucket itself: no packing copy
         raw = torch.ones(n // 4)
-        # Samples are cheap here (<= ~0.1 s each), and on a shared 2-core host single all-reduces vary by 10-20%:
-        # twice the step rows' samples keep the medians steady.
-        reps = 3 if n >= (16 << 20) and quick else 2 * repeats + 1
+        # Samples are cheap here (<= ~0.15 s each, 64 MB included), and on a shared 2-core host single all-reduces
+        # vary by 10-20%: twice the step rows' samples, at every size, keep the medians steady (3 samples at 16 and
+        # 64 MB, as before, let one slow sample of either side move the ratio by 0.1-0.3).
+        reps = 2 * repeats + 1
         row = compare(f"all-reduce {n // 1024} KB: bucketed path", _synced(dp.exchange_gradients),
                       _synced(lambda raw=raw: dist.all_reduce(raw)), baseline_name="raw dist.all_reduce",
                       repeats=reps, warmup=1, min_sample_s=0.0)
@@ -105,6 +108,26 @@ def _rank_main(rank: int, world: int, quick: bool) -> dict[str, Any]:
         row["candidate_busbw_GBps"] = factor / row["candidate_median_s"] / 1e9
         row["baseline_busbw_GBps"] = factor / row["baseline_median_s"] / 1e9
         row["busbw_ratio"] = row["baseline_median_s"] / row["candidate_median_s"]
+        # Where the bucketed path's time goes, from its own step records (medians over the timed calls):
+        # bookkeeping until the collective is launched; launch to the last piece's completion (the division by
+        # P happens in there, right before each piece starts); completion to the return of the wait.
+        recs = dp.stats[2:]
+        row["bucketed_breakdown_ms"] = {
+            "to_launch": statistics.median(r.buckets[0].launch_s for r in recs) * 1e3,
+            "division_and_collective": statistics.median(r.buckets[0].done_s - r.buckets[0].launch_s for r in recs) * 1e3,
+            "completion_to_return": statistics.median(r.step_s - r.buckets[0].done_s for r in recs) * 1e3}
+        if n >= (16 << 20):
+            # The one pass the average adds to the raw sum when the gradient is already in the bucket (as here):
+            # the in-place division by P, alone, on a tensor of the same size, both ranks at once (started at a
+            # barrier that is not timed). Not hidden, it bounds the ratio by raw / (raw + pass).
+            scratch = torch.ones(n // 4)
+            passes = []
+            for _ in range(reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                scratch.mul_(1.0 / world)
+                passes.append(time.perf_counter() - t0)
+            row["averaging_pass_s"] = statistics.median(passes)
         busbw.append(row)
         dp.close()
     rows.extend(busbw)
@@ -167,6 +190,9 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         "comm_bound_first_done_ms": {k: v["first_done_s"] * 1e3 for k, v in extra["priority"].items()},
         "comm_bound_step_ms": {k: v["step_s"] * 1e3 for k, v in extra["priority"].items()},
         "busbw_GBps": {k: {"bucketed": r["candidate_busbw_GBps"], "raw": r["baseline_busbw_GBps"]} for k, r in bw.items()},
+        "averaging_pass_ms": {k: r["averaging_pass_s"] * 1e3 for k, r in bw.items() if "averaging_pass_s" in r},
+        "raw_all_reduce_ms": {k: r["baseline_median_s"] * 1e3 for k, r in bw.items()},
+        "bucketed_breakdown_ms": {k: r["bucketed_breakdown_ms"] for k, r in bw.items()},
         "buckets": extra["buckets"],
         "median_ratio": statistics.median(r["ratio"] for r in steps),
         "spawned_wall_s": time.perf_counter() - t0,

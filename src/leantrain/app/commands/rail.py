@@ -8,7 +8,7 @@
 - ``leantrain rail eval DIR --episodes 50 [--json]``: cost statistics of the trained agent next to
   the expert's.
 - ``leantrain rail medium --out DIR``: the medium reproduction profile (Hopper-v5 and HalfCheetah-v5,
-  5 seeds, reduced iterations, about an hour on 2 idle cores); commit ``DIR/metrics.json`` and the
+  5 seeds, 70 iterations, about 40 min on 2 cores); commit ``DIR/metrics.json`` and the
   plots under ``leantrain/assets/rail/medium/`` to show them in the report.
 """
 
@@ -77,7 +77,7 @@ def _register_medium(rs: argparse._SubParsersAction) -> None:
 
     d = MediumProfile()
     m = rs.add_parser("medium", help="medium reproduction profile: GAIL vs RAIL on Hopper-v5 and HalfCheetah-v5",
-                      description="Runs the medium profile (about an hour on 2 idle cores with the defaults) and writes "
+                      description="Runs the medium profile (about 40 min on 2 cores with the defaults) and writes "
                                   "OUT/metrics.json and plots; commit them under leantrain/assets/rail/medium/ to show "
                                   "them in the report (docs/rail.md).")
     m.add_argument("--tasks", nargs="+", default=list(d.tasks), help=f"gymnasium ids (default: {' '.join(d.tasks)})")

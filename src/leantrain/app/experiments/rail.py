@@ -13,9 +13,9 @@ the expert on the true cost ``-return``, paired per seed):
           --out src/leantrain/assets/rail/InvertedPendulum-v5
 
 - medium profile (``leantrain rail medium``, :func:`run_medium`): the paper's Hopper-v5 and
-  HalfCheetah-v5 with shipped experts, 5 seeds, reduced iterations, about an hour on 2 idle
-  cores. Its committed results (:data:`MEDIUM_RESULTS`) are shown by ``rail-mujoco``'s quick
-  profile beside the Reacher smoke run.
+  HalfCheetah-v5 with shipped (reduced, 60,000-step SAC) experts, 5 seeds, 70 iterations, 42 min
+  measured with 2 workers on a loaded 2-core machine. Its committed results (:data:`MEDIUM_RESULTS`)
+  are shown by ``rail-mujoco``'s quick profile beside the Reacher smoke run.
 - ``rail-mujoco --full``: Hopper, HalfCheetah, Walker2d and Reacher (v5) with the paper's
   iteration counts and 50,000 pairs per iteration, SAC experts trained first (days on 2 cores).
 
@@ -352,7 +352,7 @@ MEDIUM_TASKS = ("Hopper-v5", "HalfCheetah-v5")
 
 @dataclass(frozen=True)
 class MediumProfile:
-    """The medium profile: the paper's tasks at reduced length (about an hour on 2 idle cores, see docs/rail.md).
+    """The medium profile: the paper's tasks at reduced length (42 min measured with 2 workers, see docs/rail.md).
 
     ``lam`` per task is the paper's (:data:`leantrain.imitation.envs.TASKS`). Experts come from
     ``experts/<env id>/`` (default: the shipped ``leantrain/assets/rail/<env id>/``).
@@ -360,9 +360,11 @@ class MediumProfile:
 
     tasks: tuple[str, ...] = MEDIUM_TASKS
     seeds: int = 5
-    iterations: int = 120
+    iterations: int = 70
     batch_steps: int = 5000
-    n_envs: int = 8
+    # 10: HalfCheetah's 1000-step episodes then fill the 20-trajectory floor in two rounds of 10 (8 leaves 4 envs alone
+    # for a third round of 1000 steps)
+    n_envs: int = 10
     eval_episodes: int = 50
 
     def __post_init__(self) -> None:
@@ -423,7 +425,7 @@ def medium_section(out: Path, results: Path = MEDIUM_RESULTS) -> tuple[list[Clai
     if not results.is_file():
         shown = "leantrain/assets/rail/medium/metrics.json" if results == MEDIUM_RESULTS else str(results)
         return [], [], [], (f"Medium profile: no committed results at `{shown}`. Run `leantrain rail medium --out DIR` "
-                            "(about an hour on 2 idle cores; needs Hopper-v5 and HalfCheetah-v5 experts under "
+                            "(about 40 min on 2 cores; needs Hopper-v5 and HalfCheetah-v5 experts under "
                             "leantrain/assets/rail/, see docs/rail.md) and commit DIR/metrics.json and DIR/*/*.png there.")
     m = json.loads(results.read_text())
     claims, tables, plots = [], [], []
