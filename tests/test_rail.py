@@ -164,7 +164,9 @@ def test_rail_update_uses_notes_tail_weights(monkeypatch):
     cfg = RAILConfig(lam=0.5, alpha=0.9, batch_steps=600, n_envs=4, vf_epochs=1, nu_mode="gradient")
     algo = RAIL(ENV, _expert(), cfg, seed=0)
     batch = _batch(1)
-    # the discriminator starts with a zero output layer: r = log 2 on every pair, so
+    with torch.no_grad():  # a zero output layer (GAIL's code's init): r = log 2 on every pair, so
+        algo.disc.net.net[-1].weight.zero_()
+        algo.disc.net.net[-1].bias.zero_()
     # R_j = -log(2) (1 - gamma^T_j) / (1 - gamma) in closed form
     costs = -math.log(2) * (1 - cfg.gamma ** batch.lengths.astype(float)) / (1 - cfg.gamma)
     distinct = np.unique(costs)

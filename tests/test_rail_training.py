@@ -107,8 +107,7 @@ def test_default_tail_term_is_active_in_every_iteration(demos):
         assert h["nu"] == h["traj_cost_var"]
         assert h["tail_fraction_strict"] <= 0.1 <= h["tail_fraction"], h
         assert h["tail_weight_mean"] > 0, h
-        if h["iteration"] > 0:  # the zero-initialised discriminator gives equal costs to equal lengths at first
-            assert h["tail_fraction"] <= 0.1 + 1 / h["episodes"] + 1e-12, h
+        assert h["tail_fraction"] <= 0.1 + 1 / h["episodes"] + 1e-12, h
     assert min(h["episodes"] for h in algo.history) >= 20  # min_trajectories = ceil(2 / (1 - alpha))
     with pytest.raises(ValueError, match="min_trajectories"):
         RAILConfig(lam=0.5, min_trajectories=5)  # 5 trajectories: the 0.9-tail above the VaR is empty

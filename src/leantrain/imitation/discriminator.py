@@ -82,11 +82,9 @@ class Discriminator(nn.Module):
         super().__init__()
         self.input_norm = Standardizer(obs_dim + act_dim, clip=None)
         self.net = MLP(obs_dim + act_dim, 1, hidden, activation="tanh")
-        # the GAIL code starts from a zero output layer: every pair begins at z = 0, r = log 2
-        last = self.net.net[-1]
-        assert isinstance(last, nn.Linear)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        # The output layer keeps torch's default (random) init. GAIL's code zeroes it, so every pair starts at
+        # r = log 2 and, on a task whose episodes all run to the time limit (HalfCheetah), every trajectory has
+        # the same first learned cost: the batch VaR then equals all of them and RAIL's tail term is 0 there.
 
     def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(self.input_norm(torch.cat([obs, actions], dim=-1))).squeeze(-1)
