@@ -50,6 +50,8 @@ class Bucket:
         self.ready_time = self.launch_time = 0.0
         self.works: list[Pending] = []
         self.undivided: list[tuple[int, int]] = []  # ranges that backward accumulated into, still to divide by P
+        self.staged_views: list[torch.Tensor] = []  # small gradients to copy into the bucket once it is complete
+        self.staged_grads: list[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +65,16 @@ class Bucket:
         self.pending = len(self.params)
         self.works = []
         self.undivided = []
+        self.staged_views, self.staged_grads = [], []
         self.result = None
+
+    def mark_undivided(self, offset: int, numel: int) -> None:
+        """Record ``grad[offset:offset+numel]`` as still to divide by P, merged with the previous range when
+        they touch (gradients mostly arrive in bucket order, so the exchange divides a few long runs)."""
+        if self.undivided and self.undivided[-1][1] == offset:
+            self.undivided[-1] = (self.undivided[-1][0], offset + numel)
+        else:
+            self.undivided.append((offset, offset + numel))
 
 
 def plan_buckets(params: Sequence[tuple[nn.Parameter, int]], names: dict[nn.Parameter, str], bucket_bytes: int,
