@@ -111,6 +111,19 @@ def _snapshot(ts) -> list:
 
 def _train(rank: int, case: dict, arm: str) -> dict:
     """Train one arm (``"ddp"`` or ``"ours"``) of ``case``; everything but the wrapping is the same code."""
+    from leantrain.distributed.exchange import PairwiseExchange
+
+    if not (case.get("pairwise") and arm == "ours"):
+        return _train_arm(rank, case, arm)
+    saved = PairwiseExchange.MIN_BYTES, PairwiseExchange.PIECE_BYTES, PairwiseExchange.DEPTH
+    PairwiseExchange.MIN_BYTES, PairwiseExchange.PIECE_BYTES, PairwiseExchange.DEPTH = 0, 64, 2
+    try:
+        return _train_arm(rank, case, arm)
+    finally:
+        PairwiseExchange.MIN_BYTES, PairwiseExchange.PIECE_BYTES, PairwiseExchange.DEPTH = saved
+
+
+def _train_arm(rank: int, case: dict, arm: str) -> dict:
     import torch.distributed as dist
 
     kind = case["kind"]
@@ -125,11 +138,13 @@ def _train(rank: int, case: dict, arm: str) -> dict:
                                      broadcast_buffers=case.get("buffers", True),
                                      distributed_update=case.get("sharded", False), **common, **case.get("ours", {}))
         opt = wrapped.optimizer(case["opt"](module.parameters()))
+        if case.get("pairwise"):
+            assert type(wrapped._strategy).__name__ == "PairwiseExchange" and wrapped._strategy.blocks
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5) if case.get("sched") else None
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1) if case.get("scaler") else None
     out: dict = {"params": [], "grads": [], "norms": [], "buffers": [], "lr": [], "scale": []}
     for step in range(STEPS):
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=case.get("set_to_none", True))
         acc = case.get("accumulate", 0)
         if acc:
             with wrapped.no_sync():
@@ -208,6 +223,15 @@ CASES = {
     "unused-no-sync": {"kind": "branchy", "opt": _adamw, "unused": True, "accumulate": 1},
     "buffers-broadcast": {"kind": "bn", "opt": _sgd, "eval_forward": True},
     "buffers-average": {"kind": "bn", "opt": _sgd, "buffers": "average"},
+    # two ranks, buckets averaged by the pairwise exchange (thresholds lowered so that these small models use it,
+    # several pieces per bucket, fewer in flight than pieces): the fused halving (gradients accumulated in the
+    # bucket, set_to_none=False), the divide-then-add path (fresh gradients), no_sync, unused parameters
+    "pairwise-clip-bn": {"kind": "bn", "opt": _sgd, "clip": 0.05, "pairwise": True},
+    "pairwise-keep-grads-lm": {"kind": "lm", "opt": _adamw, "pairwise": True, "set_to_none": False},
+    "pairwise-keep-grads-fifo-bn": {"kind": "bn", "opt": _sgd, "pairwise": True, "set_to_none": False,
+                                    "ours": {"priority": False}},
+    "pairwise-no-sync-lm": {"kind": "lm", "opt": _adamw, "accumulate": 2, "pairwise": True},
+    "pairwise-unused": {"kind": "branchy", "opt": _adamw, "unused": True, "pairwise": True, "set_to_none": False},
     "sharded-sched-clip-bn": {"kind": "bn", "opt": _sgd, "sharded": True, "sched": True, "clip": 0.05, "state": True},
     "sharded-adamw-lm": {"kind": "lm", "opt": _adamw, "sharded": True, "sched": True, "state": True},
 }

@@ -68,6 +68,16 @@ class Bucket:
         self.staged_views, self.staged_grads = [], []
         self.result = None
 
+    def undivided_runs(self) -> list[tuple[int, int]]:
+        """The undivided ranges sorted and merged where they touch."""
+        runs: list[tuple[int, int]] = []
+        for lo, hi in sorted(self.undivided):
+            if runs and runs[-1][1] >= lo:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
+            else:
+                runs.append((lo, hi))
+        return runs
+
     def mark_undivided(self, offset: int, numel: int) -> None:
         """Record ``grad[offset:offset+numel]`` as still to divide by P, merged with the previous range when
         they touch (gradients mostly arrive in bucket order, so the exchange divides a few long runs)."""

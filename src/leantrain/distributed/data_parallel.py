@@ -46,7 +46,13 @@ from torch import nn
 from leantrain.distributed.buckets import Bucket, plan_buckets
 from leantrain.distributed.compression import Compression, get_compression
 from leantrain.distributed.distribution import CollectiveError, Distribution, Group, Pending
-from leantrain.distributed.exchange import AllReduceExchange, CompressedExchange, Exchange, ReduceScatterExchange
+from leantrain.distributed.exchange import (
+    AllReduceExchange,
+    CompressedExchange,
+    Exchange,
+    PairwiseExchange,
+    ReduceScatterExchange,
+)
 from leantrain.distributed.scheduler import ExchangeScheduler
 from leantrain.distributed.sharded_optimizer import ShardedOptimizer
 from leantrain.distributed.timeline import BucketStats, StepStats, Timeline, busy_time
@@ -180,6 +186,8 @@ class DataParallelModule(nn.Module):
                                                           seed=derive_seed(seed, self.distribution.rank))
         elif self.distributed_update:
             self._strategy = ReduceScatterExchange(self.group)
+        elif self.parts == 2 and self._device().type == "cpu":
+            self._strategy = PairwiseExchange(self.group, self.buckets)
         else:
             self._strategy = AllReduceExchange(self.group)
         self._scale = self._strategy.scale

@@ -187,6 +187,19 @@ class Group:
         return self._run(operation, nbytes, lambda: dist.broadcast(t, src=self.ranks[src], group=self.handle,
                                                                    async_op=True))
 
+    def send(self, t: torch.Tensor, dst: int, tag: int, operation: str = "send") -> Pending:
+        """Send ``t`` to member ``dst`` (a group index); matched by the :meth:`recv` with the same ``tag`` there."""
+        if dst == self.rank or not 0 <= dst < self.size:
+            raise ValueError(f"dst must be another member's index in 0..{self.size - 1}, got {dst}")
+        return self._run(operation, t.numel() * t.element_size(),
+                         lambda: dist.isend(t, dst=self.ranks[dst], group=self.handle, tag=tag))
+
+    def recv(self, t: torch.Tensor, src: int, tag: int, operation: str = "recv") -> Pending:
+        """Receive into ``t`` what member ``src`` (a group index) sends with ``tag``."""
+        if src == self.rank or not 0 <= src < self.size:
+            raise ValueError(f"src must be another member's index in 0..{self.size - 1}, got {src}")
+        return self._run(operation, 0, lambda: dist.irecv(t, src=self.ranks[src], group=self.handle, tag=tag))
+
     def all_gather_object(self, obj: Any, operation: str = "all_gather_object") -> list[Any]:
         """Every member's picklable ``obj``, in member order (blocking)."""
         if self.size == 1:

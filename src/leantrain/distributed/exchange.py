@@ -6,6 +6,19 @@
   power-of-two ``P`` the division is exact and the result is bitwise ``dist.all_reduce(g) / P``; otherwise the
   two differ by rounding (about one ulp). Buckets above ``message_bytes`` go in pieces, each divided right
   before it starts, so that dividing piece ``k+1`` overlaps the transfer of piece ``k``.
+- :class:`PairwiseExchange` (two data ranks, buckets of at least ``min_bytes`` on the CPU): the average computed
+  by the ranks themselves, in two point-to-point phases per piece, so that the division by 2 rides on the
+  reduction instead of costing a pass of its own. Piece ``[lo, hi)`` has halves ``[lo, mid)`` (owned by rank 0)
+  and ``[mid, hi)`` (rank 1): each rank sends the half it does not own and receives the peer's copy of the
+  half it owns (phase 1), reduces it, ``mine = mine/2 + theirs/2``, and sends it back while receiving the other
+  reduced half (phase 2). That is ``round(a/2 + b/2)`` per element, bitwise what the pre-divided ``SUM``
+  all-reduce gives (``a/2`` and ``b/2`` are exact for normal numbers; the multiply-add rounds once), and the
+  same ``M`` bytes sent per rank as a ring all-reduce. Pieces are pipelined, ``depth`` in flight, so reducing
+  one overlaps the transfers of the others; the scratch for received halves is ``depth`` half-pieces. On 2 gloo
+  ranks (2 cores) this averaged 16 and 64 MB buckets in 1.0-1.1x the time of a raw ``SUM`` all-reduce that
+  does not average, where dividing first and all-reducing took 0.89-0.94x (paired medians, 30 samples).
+  Smaller buckets (latency-bound: four messages per piece against one collective) and GPU tensors (whose
+  collectives average by themselves) use :class:`AllReduceExchange`.
 - :class:`ReduceScatterExchange` (distributed update): the same pre-divided sum, reduce-scattered, so rank
   ``r`` receives the averaged chunk ``r`` of the padded bucket (``Bucket.shard_grad``).
 - :class:`CompressedExchange`: two phases that keep the ring's cost ``2(P-1)/P`` of the payload. Every rank
@@ -26,9 +39,9 @@ import torch
 
 from leantrain.distributed.buckets import Bucket
 from leantrain.distributed.compression import Compression
-from leantrain.distributed.distribution import Group
+from leantrain.distributed.distribution import Group, Pending
 
-__all__ = ["Exchange", "AllReduceExchange", "ReduceScatterExchange", "CompressedExchange"]
+__all__ = ["Exchange", "AllReduceExchange", "PairwiseExchange", "ReduceScatterExchange", "CompressedExchange"]
 
 
 class Exchange:
@@ -72,6 +85,80 @@ class AllReduceExchange(Exchange):
                 self.divide(b, lo, hi)
             where = f" [{lo}:{hi}]" if len(pieces) > 1 else ""
             b.works.append(self.group.all_reduce(b.grad[lo:hi], f"all_reduce of {label}{where}"))
+
+
+class PairwiseExchange(AllReduceExchange):
+    """Two data ranks: large buckets averaged in pipelined point-to-point halves (see the module doc), smaller
+    ones by :class:`AllReduceExchange`. ``blocks`` (the exchange waits between its phases, so it runs on the
+    communication thread) holds when some bucket of ``buckets`` is at least ``min_bytes``.
+    """
+
+    #: Buckets from this size up go pairwise (below, one all-reduce beats four messages per piece).
+    MIN_BYTES = 8 << 20
+    #: Piece size and pieces in flight: 4 MB x 4 measured best of {1, 2, 4, 8} MB x {2, 4, 8, all} at 16-64 MB.
+    PIECE_BYTES = 4 << 20
+    DEPTH = 4
+
+    def __init__(self, group: Group, buckets: list[Bucket], min_bytes: int | None = None) -> None:
+        super().__init__(group)
+        if group.size != 2:
+            raise ValueError(f"PairwiseExchange needs a data group of 2 ranks, got {group.size}")
+        self.min_bytes = int(self.MIN_BYTES if min_bytes is None else min_bytes)
+        self.blocks = any(b.padded * b.grad.element_size() >= self.min_bytes for b in buckets)
+        self._scratch: torch.Tensor | None = None
+
+    def _slots(self, b: Bucket, half: int) -> torch.Tensor:
+        need = self.DEPTH * half
+        s = self._scratch
+        if s is None or s.numel() < need or s.dtype != b.grad.dtype or s.device != b.grad.device:
+            s = self._scratch = torch.empty(need, dtype=b.grad.dtype, device=b.grad.device)
+        return s
+
+    def start(self, b: Bucket, label: str, message_bytes: int) -> None:
+        size = b.grad.element_size()
+        if b.padded * size < self.min_bytes:
+            super().start(b, label, message_bytes)
+            return
+        g, n, me = b.grad, b.padded, self.group.rank
+        peer = 1 - me
+        step = max(2, (self.PIECE_BYTES // size) // 2 * 2)  # even: each piece splits into equal halves
+        starts = list(range(0, n, step))  # n is even (padded to a multiple of 2): every piece splits evenly
+        half = step // 2
+        slots = self._slots(b, half)
+        fused = b.undivided_runs() == [(0, b.numel)]  # all undivided: halve on the way (else divide first)
+        tag0 = b.index << 16  # distinct per bucket: a bucket's phase 2 may still be in flight when the next starts
+        flight: dict[int, tuple[Pending, Pending, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def launch(i: int) -> None:
+            lo = starts[i]
+            hi = min(lo + step, n)
+            mid = (lo + hi) // 2
+            if not fused and b.undivided:
+                self.divide(b, lo, hi)
+            mine, theirs = (g[lo:mid], g[mid:hi]) if me == 0 else (g[mid:hi], g[lo:mid])
+            slot = slots[(i % self.DEPTH) * half:(i % self.DEPTH) * half + mine.numel()]
+            where = f"{label} [{lo}:{hi}]"
+            flight[i] = (self.group.send(theirs, peer, tag0 + 2 * i, f"send (pairwise average, phase 1) of {where}"),
+                         self.group.recv(slot, peer, tag0 + 2 * i, f"recv (pairwise average, phase 1) of {where}"),
+                         mine, theirs, slot)
+
+        for i in range(min(self.DEPTH, len(starts))):
+            launch(i)
+        with torch.no_grad():
+            for i in range(len(starts)):
+                sent, got, mine, theirs, slot = flight.pop(i)
+                sent.wait()
+                got.wait()
+                if fused:
+                    mine.mul_(0.5).add_(slot, alpha=0.5)
+                else:
+                    mine.add_(slot)
+                where = f"{label} [{starts[i]}:{min(starts[i] + step, n)}]"
+                b.works += [sent, got,
+                            self.group.send(mine, peer, tag0 + 2 * i + 1, f"send (pairwise average, phase 2) of {where}"),
+                            self.group.recv(theirs, peer, tag0 + 2 * i + 1, f"recv (pairwise average, phase 2) of {where}")]
+                if i + self.DEPTH < len(starts):
+                    launch(i + self.DEPTH)
 
 
 class ReduceScatterExchange(Exchange):
