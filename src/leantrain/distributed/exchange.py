@@ -15,10 +15,10 @@
   all-reduce gives (``a/2`` and ``b/2`` are exact for normal numbers; the multiply-add rounds once), and the
   same ``M`` bytes sent per rank as a ring all-reduce. Pieces are pipelined, ``depth`` in flight, so reducing
   one overlaps the transfers of the others; the scratch for received halves is ``depth`` half-pieces. On 2 gloo
-  ranks (2 cores) this averaged 16 and 64 MB buckets in 1.0-1.1x the time of a raw ``SUM`` all-reduce that
-  does not average, where dividing first and all-reducing took 0.89-0.94x (paired medians, 30 samples).
-  Smaller buckets (latency-bound: four messages per piece against one collective) and GPU tensors (whose
-  collectives average by themselves) use :class:`AllReduceExchange`.
+  ranks (2 cores) this averages a 64 MB bucket at about the bus bandwidth of a raw ``SUM`` all-reduce that does
+  not average, where dividing first and then all-reducing loses the ~8% that the extra pass costs. Buckets
+  under ``MIN_BYTES`` (too few pieces to pipeline) and GPU tensors (whose collectives average by themselves)
+  use :class:`AllReduceExchange`.
 - :class:`ReduceScatterExchange` (distributed update): the same pre-divided sum, reduce-scattered, so rank
   ``r`` receives the averaged chunk ``r`` of the padded bucket (``Bucket.shard_grad``).
 - :class:`CompressedExchange`: two phases that keep the ring's cost ``2(P-1)/P`` of the payload. Every rank
@@ -93,8 +93,10 @@ class PairwiseExchange(AllReduceExchange):
     communication thread) holds when some bucket of ``buckets`` is at least ``min_bytes``.
     """
 
-    #: Buckets from this size up go pairwise (below, one all-reduce beats four messages per piece).
-    MIN_BYTES = 8 << 20
+    #: Buckets from this size up go pairwise. Below it there are too few pieces to pipeline: at 16 MB (4 pieces)
+    #: the pairwise path measured 0.89-0.94x a raw all-reduce in the benchmark, dividing first and all-reducing
+    #: in two 8 MB pieces 0.90-1.04x; at 64 MB (16 pieces) pairwise 0.93-1.02x, divide-first 0.86-0.99x.
+    MIN_BYTES = 32 << 20
     #: Piece size and pieces in flight: 4 MB x 4 measured best of {1, 2, 4, 8} MB x {2, 4, 8, all} at 16-64 MB.
     PIECE_BYTES = 4 << 20
     DEPTH = 4
