@@ -84,7 +84,8 @@ class AllReduceExchange(Exchange):
             if b.undivided:
                 self.divide(b, lo, hi)
             where = f" [{lo}:{hi}]" if len(pieces) > 1 else ""
-            b.works.append(self.group.all_reduce(b.grad[lo:hi], f"all_reduce of {label}{where}"))
+            b.works.append(self.group.all_reduce(b.grad[lo:hi], f"all_reduce of {label}{where}",
+                                                 track=len(pieces) == 1))
 
 
 class PairwiseExchange(AllReduceExchange):
@@ -140,8 +141,11 @@ class PairwiseExchange(AllReduceExchange):
             mine, theirs = (g[lo:mid], g[mid:hi]) if me == 0 else (g[mid:hi], g[lo:mid])
             slot = slots[(i % self.DEPTH) * half:(i % self.DEPTH) * half + mine.numel()]
             where = f"{label} [{lo}:{hi}]"
-            flight[i] = (self.group.send(theirs, peer, tag0 + 2 * i, f"send (pairwise average, phase 1) of {where}"),
-                         self.group.recv(slot, peer, tag0 + 2 * i, f"recv (pairwise average, phase 1) of {where}"),
+            # track=False: no completion callbacks for these dozens of messages (see Pending); done at wait
+            flight[i] = (self.group.send(theirs, peer, tag0 + 2 * i, f"send (pairwise average, phase 1) of {where}",
+                                         track=False),
+                         self.group.recv(slot, peer, tag0 + 2 * i, f"recv (pairwise average, phase 1) of {where}",
+                                         track=False),
                          mine, theirs, slot)
 
         for i in range(min(self.DEPTH, len(starts))):
@@ -157,8 +161,10 @@ class PairwiseExchange(AllReduceExchange):
                     mine.add_(slot)
                 where = f"{label} [{starts[i]}:{min(starts[i] + step, n)}]"
                 b.works += [sent, got,
-                            self.group.send(mine, peer, tag0 + 2 * i + 1, f"send (pairwise average, phase 2) of {where}"),
-                            self.group.recv(theirs, peer, tag0 + 2 * i + 1, f"recv (pairwise average, phase 2) of {where}")]
+                            self.group.send(mine, peer, tag0 + 2 * i + 1,
+                                            f"send (pairwise average, phase 2) of {where}", track=False),
+                            self.group.recv(theirs, peer, tag0 + 2 * i + 1,
+                                            f"recv (pairwise average, phase 2) of {where}", track=False)]
                 if i + self.DEPTH < len(starts):
                     launch(i + self.DEPTH)
 
