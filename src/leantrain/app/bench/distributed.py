@@ -48,7 +48,7 @@ def _rank_main(rank: int, world: int, quick: bool) -> dict[str, Any]:
     from leantrain.models import resnet20
 
     torch.manual_seed(0)
-    width, batch, repeats = (8, 16, 21) if quick else (16, 32, 31)
+    width, batch, repeats = (8, 16, 31) if quick else (16, 32, 41)
     bucket_mb = 0.25
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
@@ -100,7 +100,7 @@ def _rank_main(rank: int, world: int, quick: bool) -> dict[str, Any]:
         dp.exchange_gradients()  # from now on param.grad is the bucket itself: no packing copy
         raw = torch.ones(n // 4)
         # Samples are cheap here (<= ~0.15 s each, 64 MB included), and on a shared 2-core host single all-reduces
-        # vary by 10-30%: twice the step rows' samples (43 in the quick profile) narrow the paired ratio's interval
+        # vary by 10-30%: twice the step rows' samples (63 in the quick profile) narrow the paired ratio's interval
         # to a few percent (3 samples, as at first, let one slow sample move the ratio by 0.1-0.3).
         reps = 2 * repeats + 1
         row = compare(f"all-reduce {n // 1024} KB: bucketed path", dp.exchange_gradients,
