@@ -179,6 +179,9 @@ class DataParallelModule(nn.Module):
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
         self._view_of: dict[nn.Parameter, torch.Tensor] = {}
         self._offset_of: dict[nn.Parameter, int] = {}
+        # the gradient hook's lookup, keyed by id(p) (Tensor.__hash__ is a Python-level call): bucket, view,
+        # offset, numel and the view's data pointer
+        self._slot: dict[int, tuple[Bucket, torch.Tensor, int, int, int]] = {}
         self._plan([[p for p in module.parameters() if p.requires_grad]])
         if self.compressed:
             self._strategy: Exchange = CompressedExchange(self.group, self.compression, self.generator,
@@ -203,7 +206,7 @@ class DataParallelModule(nn.Module):
         self._t_start = 0.0
         self._step_index = 0
         self._next_ready = 0  # buckets[:_next_ready] are ready here (and launched, or handed to the thread)
-        self._arrived: set[nn.Parameter] = set()  # parameters whose gradient is in its bucket this step
+        self._arrived: set[int] = set()  # id() of the parameters whose gradient is in its bucket this step
         self._error: BaseException | None = None
         self._buffer_flat: torch.Tensor | None = None
         self._buffer_work: Pending | None = None
@@ -226,7 +229,7 @@ class DataParallelModule(nn.Module):
         params = sorted(((p, g) for g, ps in enumerate(groups) for p in ps if p.requires_grad),
                         key=lambda pg: -order.get(pg[0], -1))
         self.buckets = plan_buckets(params, self._names, self.bucket_bytes, self.parts)
-        self._bucket_of, self._view_of, self._offset_of = {}, {}, {}
+        self._bucket_of, self._view_of, self._offset_of, self._slot = {}, {}, {}, {}
         for b in self.buckets:
             if self.error_feedback:
                 b.residual = torch.zeros_like(b.grad)
@@ -238,6 +241,7 @@ class DataParallelModule(nn.Module):
                 self._bucket_of[p] = b
                 self._view_of[p] = view
                 self._offset_of[p] = off
+                self._slot[id(p)] = (b, view, off, view.numel(), view.data_ptr())
 
     def layout(self) -> list[dict[str, Any]]:
         """The buckets: index, parameter names (backward order), elements and bytes."""
@@ -352,13 +356,14 @@ class DataParallelModule(nn.Module):
             return
         if self._error is not None:
             return
-        self._begin_step()
+        if not self._in_step:
+            self._begin_step()
         if not self._backward_queued:
             self._backward_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             if self.find_unused_parameters:
                 self._mark_locally_unused()
-        if p in self._arrived:
+        if id(p) in self._arrived:
             name = self._names.get(p, "?")
             self._error = RuntimeError(
                 f"parameter {name!r} received its gradient after it was counted as unused: it is not reached from "
@@ -386,9 +391,10 @@ class DataParallelModule(nn.Module):
                     self._mark(p)
 
     def _mark(self, p: nn.Parameter) -> None:
-        self._arrived.add(p)
-        b = self._bucket_of[p]
-        self._fill(p, b, self._view_of[p])
+        pid = id(p)
+        self._arrived.add(pid)
+        b, view, off, numel, ptr = self._slot[pid]
+        self._fill(p.grad, b, view, off, numel, ptr)
         b.pending -= 1
         if b.pending == 0:
             if b.staged_views:
@@ -405,26 +411,28 @@ class DataParallelModule(nn.Module):
     #: transformer (biases, norms) outweighs the arithmetic; larger ones are copied at once, divided on the way.
     STAGE_NUMEL = 1 << 15
 
-    def _fill(self, p: nn.Parameter, b: Bucket, view: torch.Tensor) -> None:
-        """Write ``p``'s gradient (None counts as zero) into its bucket slice ``view``, divided by P when the
-        exchange sums: a large gradient in one pass (the division folded into the copy); a small one staged for
-        the bucket's batched copy; when backward accumulated into the bucket itself, or after a staged copy, the
-        exchange divides in place right before sending."""
-        g = p.grad
+    def _fill(self, g: torch.Tensor | None, b: Bucket, view: torch.Tensor, off: int, numel: int, ptr: int) -> None:
+        """Write the gradient ``g`` (None counts as zero) into its bucket slice ``view`` (``numel`` elements at
+        ``off``, data at ``ptr``), divided by P when the exchange sums: a large gradient in one pass (the division
+        folded into the copy); a small one staged for the bucket's batched copy; when backward accumulated into the
+        bucket itself, or after a staged copy, the exchange divides in place right before sending."""
         if g is None:
             view.zero_()
-        elif g.data_ptr() == view.data_ptr():
+            return
+        if g.requires_grad:  # create_graph=True: the copy must not enter the graph
+            g = g.detach()
+        if g.data_ptr() == ptr:
             if self._scale is not None:
-                b.mark_undivided(self._offset_of[p], view.numel())
-        elif g.numel() <= self.STAGE_NUMEL:
+                b.mark_undivided(off, numel)
+        elif numel <= self.STAGE_NUMEL:
             b.staged_views.append(view)
-            b.staged_grads.append(g.detach())
+            b.staged_grads.append(g)
             if self._scale is not None:
-                b.mark_undivided(self._offset_of[p], view.numel())
+                b.mark_undivided(off, numel)
         elif self._scale is not None:
-            torch.mul(g.detach(), self._scale, out=view)
+            torch.mul(g, self._scale, out=view)
         else:
-            view.copy_(g.detach())
+            view.copy_(g)
 
     def _advance(self) -> None:
         """Launch (or hand to the thread) the buckets that complete the ready prefix, in index order."""
@@ -455,7 +463,7 @@ class DataParallelModule(nn.Module):
         self._begin_step()
         with torch.no_grad():
             for p in self._bucket_of:
-                if p.grad is not None and p not in self._arrived:
+                if p.grad is not None and id(p) not in self._arrived:
                     self._mark(p)
         return self._complete(late_allowed=True)
 
@@ -473,7 +481,7 @@ class DataParallelModule(nn.Module):
             return None
         t_call = time.perf_counter()
         try:
-            missing = [p for p in self._bucket_of if p not in self._arrived]
+            missing = [p for p in self._bucket_of if id(p) not in self._arrived]
             if missing and not late_allowed:
                 self._error = UnusedParameterError(self.distribution.rank, self.group.ranks,
                                                    [self._names.get(p, "?") for p in missing], self._step_index)
