@@ -170,7 +170,7 @@ def test_averaged_gradient_is_in_param_grad_when_backward_returns_and_clipping_a
     dp = DataParallelModule(model, bucket_mb=0.004)
     dp(torch.randn(4, 5)).pow(2).sum().backward()
     for p in model.parameters():  # a view of its bucket: the exchange completed inside backward
-        assert p.grad.data_ptr() == dp._view_of[p].data_ptr()
+        assert p.grad.data_ptr() == dp._slot[id(p)][1].data_ptr()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     assert norm > 1e-3
     clipped = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))

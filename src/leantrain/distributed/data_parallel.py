@@ -177,10 +177,8 @@ class DataParallelModule(nn.Module):
         self._names = {p: n for n, p in module.named_parameters()}
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
-        self._view_of: dict[nn.Parameter, torch.Tensor] = {}
-        self._offset_of: dict[nn.Parameter, int] = {}
-        # the gradient hook's lookup, keyed by id(p) (Tensor.__hash__ is a Python-level call): bucket, view,
-        # offset, numel and the view's data pointer
+        # the gradient hook's lookup, keyed by id(p) (Tensor.__hash__ is a Python-level call): bucket, view (the
+        # parameter's slice of the bucket), offset, numel and the view's data pointer
         self._slot: dict[int, tuple[Bucket, torch.Tensor, int, int, int]] = {}
         self._plan([[p for p in module.parameters() if p.requires_grad]])
         if self.compressed:
@@ -229,7 +227,7 @@ class DataParallelModule(nn.Module):
         params = sorted(((p, g) for g, ps in enumerate(groups) for p in ps if p.requires_grad),
                         key=lambda pg: -order.get(pg[0], -1))
         self.buckets = plan_buckets(params, self._names, self.bucket_bytes, self.parts)
-        self._bucket_of, self._view_of, self._offset_of, self._slot = {}, {}, {}, {}
+        self._bucket_of, self._slot = {}, {}
         for b in self.buckets:
             if self.error_feedback:
                 b.residual = torch.zeros_like(b.grad)
@@ -239,8 +237,6 @@ class DataParallelModule(nn.Module):
                 b.shard_grad = torch.zeros(b.chunk, dtype=b.grad.dtype, device=b.grad.device)
             for p, view, off in zip(b.params, b.views, b.offsets):
                 self._bucket_of[p] = b
-                self._view_of[p] = view
-                self._offset_of[p] = off
                 self._slot[id(p)] = (b, view, off, view.numel(), view.data_ptr())
 
     def layout(self) -> list[dict[str, Any]]:
